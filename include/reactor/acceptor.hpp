@@ -1,0 +1,261 @@
+// Public: Acceptor<Handler, Reactor>, a listening socket (TCP over IPv4/IPv6, or Unix domain) that
+// accepts connections and hands each to its reactor as a Connection<Handler> with a copy of the
+// prototype handler.
+//
+// Running out of fds (EMFILE, ENFILE) or kernel memory (ENOBUFS, ENOMEM) never busy-loops: the
+// acceptor stops watching the listener and retries when one of the reactor's connections closes,
+// or after a backoff (10 ms doubling to 1 s), whichever comes first; pending clients wait in the
+// listen backlog meanwhile. Transient per-connection errors (ECONNABORTED, EPROTO, ...) are
+// skipped. The listener is always level-triggered, whatever the reactor's trigger mode.
+//
+// Threading: construct, use and destroy on the reactor's thread; destroy before the reactor. It
+// may be destroyed from inside any callback, including on_open of a connection it just accepted.
+#pragma once
+
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <system_error>
+#include <utility>
+
+#include "connection.hpp"
+#include "detail/watcher.hpp"
+#include "endpoint.hpp"
+#include "error.hpp"
+#include "reactor.hpp"
+
+namespace reactor {
+
+struct ListenOptions {
+  int backlog = SOMAXCONN;
+  bool reuse_address = true;   // SO_REUSEADDR (TCP only)
+  bool reuse_port = false;     // SO_REUSEPORT, for one listener per reactor
+  bool tcp_nodelay = true;     // TCP_NODELAY on every accepted TCP connection
+  bool unlink_on_close = true; // Unix sockets: remove the socket file the acceptor created
+  int accept_budget = 64;      // accept4 calls per readiness event, so connections get a turn
+  ConnectionOptions connection;  // applied to every accepted connection
+};
+
+template <class Handler, class R = Reactor<>>
+class Acceptor : private detail::Watcher {
+  using Sys = typename R::syscalls;
+  using Clock = std::chrono::steady_clock;
+  static constexpr std::chrono::milliseconds kFirstBackoff{10};
+  static constexpr std::chrono::milliseconds kMaxBackoff{1000};
+
+ public:
+  // Binds and listens on `endpoint` (port 0 picks an ephemeral port; see local_endpoint()).
+  // Throws std::system_error naming the failed call ("socket", "setsockopt", "bind", "listen",
+  // "getsockname", "epoll_ctl").
+  Acceptor(R& loop, const Endpoint& endpoint, Handler prototype = Handler{},
+           const ListenOptions& options = {})
+      : Watcher(&on_watcher_op), loop_(&loop), prototype_(std::move(prototype)),
+        options_(options) {
+    const char* what = nullptr;
+    if (const std::error_code ec = open(endpoint, what)) detail::throw_error(ec, what);
+  }
+
+  // As above, reporting failure through `ec` (the acceptor is then closed).
+  Acceptor(R& loop, const Endpoint& endpoint, Handler prototype, const ListenOptions& options,
+           std::error_code& ec) noexcept
+      : Watcher(&on_watcher_op), loop_(&loop), prototype_(std::move(prototype)),
+        options_(options) {
+    const char* what = nullptr;
+    ec = open(endpoint, what);
+  }
+
+  Acceptor(const Acceptor&) = delete;
+  Acceptor& operator=(const Acceptor&) = delete;
+
+  ~Acceptor() {
+    if (destroyed_ != nullptr) *destroyed_ = true;
+    close();
+  }
+
+  // Stops listening and closes the socket; connections already accepted are unaffected.
+  void close() noexcept {
+    fd_waiter_.unlink();
+    if (fd < 0) return;
+    loop_->remove(*this);
+    Sys::close(std::exchange(fd, -1));
+    if (local_.is_unix() && options_.unlink_on_close) {
+      const std::string path = local_.host();
+      if (!path.empty() && path.front() != '@') Sys::unlink(path.c_str());
+    }
+  }
+
+  bool is_open() const noexcept { return fd >= 0; }
+
+  // The bound address, with the actual port when port 0 was asked for.
+  const Endpoint& local_endpoint() const noexcept { return local_; }
+
+  // True while accepting is suspended after running out of fds or memory.
+  bool is_backing_off() const noexcept { return fd_waiter_.is_linked(); }
+
+  std::uint64_t accepted_count() const noexcept { return accepted_; }
+  // accept4 failures for lack of fds or memory (each starts or extends a backoff), and failures
+  // to set up an accepted connection.
+  std::uint64_t failed_count() const noexcept { return failed_; }
+  // The most recent accept or setup error (empty if none yet).
+  std::error_code last_error() const noexcept { return last_error_; }
+
+  // The listening socket, or -1 when closed.
+  int native_handle() const noexcept { return fd; }
+
+ private:
+  std::error_code open(const Endpoint& endpoint, const char*& what) noexcept {
+    what = "socket";
+    if (endpoint.empty()) return std::make_error_code(std::errc::address_family_not_supported);
+    fd = Sys::socket(endpoint.family(), SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) return detail::last_errno_code();
+    const int on = 1;
+    what = "setsockopt";
+    if (!endpoint.is_unix() && options_.reuse_address &&
+        Sys::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof on) != 0) {
+      return close_with(detail::last_errno_code());
+    }
+    if (options_.reuse_port && Sys::setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &on, sizeof on) != 0) {
+      return close_with(detail::last_errno_code());
+    }
+    what = "bind";
+    if (Sys::bind(fd, endpoint.data(), endpoint.size()) != 0) {
+      return close_with(detail::last_errno_code());
+    }
+    local_ = endpoint;  // bound: from here on close() may unlink a Unix socket file
+    what = "listen";
+    if (Sys::listen(fd, options_.backlog) != 0) return close_with(detail::last_errno_code());
+    what = "getsockname";
+    sockaddr_storage storage{};
+    socklen_t length = sizeof storage;
+    if (Sys::getsockname(fd, reinterpret_cast<sockaddr*>(&storage), &length) != 0) {
+      return close_with(detail::last_errno_code());
+    }
+    if (!endpoint.is_unix()) {
+      local_ = Endpoint::from_sockaddr(reinterpret_cast<sockaddr*>(&storage), length);
+    }
+    what = "epoll_ctl";
+    if (const std::error_code ec = loop_->add(*this, EPOLLIN)) return close_with(ec);
+    fd_waiter_.watcher = this;
+    return {};
+  }
+
+  std::error_code close_with(const std::error_code& ec) noexcept {
+    close();
+    return ec;
+  }
+
+  static void on_watcher_op(detail::Watcher& watcher, detail::WatcherOp op,
+                            std::uint32_t /*events*/) noexcept {
+    auto& self = static_cast<Acceptor&>(watcher);
+    if (op == detail::WatcherOp::kResume) {
+      if (self.fd < 0 || self.loop_->modify(self, EPOLLIN)) return;
+    }
+    self.accept_some();
+  }
+
+  void accept_some() noexcept {
+    bool destroyed = false;
+    destroyed_ = &destroyed;  // set by the destructor if a callback destroys this acceptor
+    for (int i = 0; i < options_.accept_budget && fd >= 0; ++i) {
+      const int socket = Sys::accept4(fd, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+      if (socket < 0) {
+        if (!accept_failed(errno)) break;
+        continue;
+      }
+      ++accepted_;
+      backoff_ = kFirstBackoff;
+      start(socket);
+      if (destroyed) return;
+    }
+    destroyed_ = nullptr;
+  }
+
+  // Returns true when accepting should go on (the error concerned one connection only).
+  bool accept_failed(int error) noexcept {
+    switch (error) {
+      case EINTR:
+        return true;
+      case EAGAIN:
+#if EAGAIN != EWOULDBLOCK
+      case EWOULDBLOCK:
+#endif
+        return false;
+      // The connection went away before it was accepted, or Linux passed on a network error
+      // pending on it (accept(2), "Error handling"): skip it.
+      case ECONNABORTED:
+      case EPROTO:
+      case ENETDOWN:
+      case ENOPROTOOPT:
+      case EHOSTDOWN:
+      case ENONET:
+      case EHOSTUNREACH:
+      case EOPNOTSUPP:
+      case ENETUNREACH:
+      case EPERM:  // firewall rules forbade this connection
+        last_error_ = detail::errno_code(error);
+        return true;
+      // Out of fds or memory: stop watching the listener (level-triggered, it would report the
+      // same pending connection forever) until fds are freed or the backoff ends.
+      case EMFILE:
+      case ENFILE:
+      case ENOBUFS:
+      case ENOMEM:
+        last_error_ = detail::errno_code(error);
+        ++failed_;
+        back_off();
+        return false;
+      default:  // EBADF, EINVAL, ENOTSOCK...: the listener itself is broken
+        last_error_ = detail::errno_code(error);
+        ++failed_;
+        close();
+        return false;
+    }
+  }
+
+  void back_off() noexcept {
+    if (loop_->modify(*this, 0)) {
+      close();
+      return;
+    }
+    loop_->wait_for_fds(fd_waiter_, Clock::now() + backoff_);
+    backoff_ = std::min(backoff_ * 2, kMaxBackoff);
+  }
+
+  void start(int socket) noexcept {
+    if (options_.tcp_nodelay && !local_.is_unix()) {
+      const int on = 1;
+      Sys::setsockopt(socket, IPPROTO_TCP, TCP_NODELAY, &on, sizeof on);
+    }
+    std::error_code ec;
+    try {
+      Handler handler = prototype_;
+      Connection<Handler, R>::open(*loop_, socket, std::move(handler), options_.connection,
+                                   /*exclusive_fd=*/true, ec);
+    } catch (...) {  // copying the prototype threw
+      Sys::close(socket);
+      ec = make_error_code(Error::kHandlerException);
+    }
+    if (ec) {
+      ++failed_;
+      last_error_ = ec;
+    }
+  }
+
+  R* loop_;
+  Handler prototype_;
+  ListenOptions options_;
+  Endpoint local_;
+  detail::FdWaiter fd_waiter_;
+  std::chrono::milliseconds backoff_ = kFirstBackoff;
+  bool* destroyed_ = nullptr;
+  std::uint64_t accepted_ = 0;
+  std::uint64_t failed_ = 0;
+  std::error_code last_error_;
+};
+
+}  // namespace reactor

@@ -1,0 +1,541 @@
+// Public: Connection<Handler, Reactor>, one connected stream socket driven by a reactor, and
+// adopt(), which hands an already-connected socket to a reactor.
+//
+// The handler is a policy type stored inline: its hooks are called directly (no virtual call, no
+// std::function), and an idle connection costs sizeof(Connection) + malloc's overhead, with no
+// buffers (see docs/design.md). Connections are owned by their reactor. A Connection& handed to a
+// callback stays valid until on_close returns, even if the handler closes it (or another
+// connection) meanwhile: freeing is deferred until the current dispatch is over.
+//
+// Threading: every member must be called on the reactor's thread.
+#pragma once
+
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+
+#include <cerrno>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <new>
+#include <string_view>
+#include <system_error>
+#include <utility>
+
+#include "buffer.hpp"
+#include "concepts.hpp"
+#include "detail/watcher.hpp"
+#include "endpoint.hpp"
+#include "error.hpp"
+#include "fd.hpp"
+#include "reactor.hpp"
+
+namespace reactor {
+
+struct ConnectionOptions {
+  // Reading pauses when pending output reaches high_water and resumes (with on_drain) when it
+  // falls to low_water.
+  std::size_t high_water = 1024 * 1024;
+  std::size_t low_water = 256 * 1024;
+  // A send() that would take pending output past this closes the connection with
+  // Error::kOutputLimit instead of letting memory grow without bound.
+  std::size_t max_pending_output = 64 * 1024 * 1024;
+  // Bytes a handler may leave unconsumed (a partial frame) before the connection is closed with
+  // Error::kInputLimit.
+  std::size_t max_pending_input = 1024 * 1024;
+};
+
+template <class Handler, class R = Reactor<>>
+class Connection final : private detail::OwnedWatcher {
+  using Sys = typename R::syscalls;
+  static constexpr bool kEdge = R::kEdgeTriggered;
+  static constexpr int kMaxIovecs = 64;
+
+ public:
+  using handler_type = Handler;
+  using reactor_type = R;
+
+  Connection(const Connection&) = delete;
+  Connection& operator=(const Connection&) = delete;
+
+  Handler& handler() noexcept { return handler_; }
+  const Handler& handler() const noexcept { return handler_; }
+  R& reactor() noexcept { return *loop_; }
+
+  // The socket, or -1 once closed. Do not close it, and do not dup it (a dup would keep it in the
+  // epoll set after the connection closed).
+  int native_handle() const noexcept { return fd; }
+
+  // True until the socket is closed (close() with output still pending keeps it open until the
+  // output is flushed).
+  bool is_open() const noexcept { return fd >= 0; }
+
+  // Sends bytes: written at once when nothing is queued, the rest queued and written as the socket
+  // drains. Returns false when the bytes were not accepted: the connection is closed or closing,
+  // or this send failed and closed it (on_close reports why: a write error, or
+  // Error::kOutputLimit when pending output would pass max_pending_output). Accepted bytes are
+  // delivered in order unless the connection later fails, which on_close then reports.
+  bool send(const void* data, std::size_t size) noexcept {
+    if (fd < 0 || close_requested_ || shutdown_requested_) return false;
+    const char* bytes = static_cast<const char*>(data);
+    if (output_.empty()) {
+      while (size > 0) {
+        const ssize_t n = Sys::send(fd, bytes, size, MSG_NOSIGNAL);
+        if (n >= 0) {
+          bytes += n;
+          size -= static_cast<std::size_t>(n);
+          break;  // the kernel took what fits; the rest waits for EPOLLOUT
+        }
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+        fail(detail::last_errno_code());
+        return false;
+      }
+      if (size == 0) return true;
+    }
+    if (output_.size() + size > max_pending_output_) {
+      fail(make_error_code(Error::kOutputLimit));
+      return false;
+    }
+    if (!output_.append(loop_->chunk_pool(), bytes, size)) {
+      fail(std::make_error_code(std::errc::not_enough_memory));
+      return false;
+    }
+    if (!backpressure_ && output_.size() >= high_water_) backpressure_ = true;
+    update_interest();
+    return true;
+  }
+
+  bool send(std::string_view bytes) noexcept { return send(bytes.data(), bytes.size()); }
+
+  // Flushes pending output, then sends FIN (half-close); reading goes on. Once the peer's EOF has
+  // also arrived, the connection closes.
+  void shutdown() noexcept {
+    if (fd < 0 || shutdown_requested_ || close_requested_) return;
+    shutdown_requested_ = true;
+    if (output_.empty()) send_fin();
+  }
+
+  // Stops reading, flushes pending output, then closes. on_close gets an empty reason.
+  void close() noexcept {
+    if (fd < 0 || close_requested_) return;
+    close_requested_ = true;
+    input_.reset();
+    if (output_.empty()) {
+      close_now({});
+    } else {
+      update_interest();
+    }
+  }
+
+  // Closes now, dropping pending output; with send_reset the peer gets RST instead of FIN
+  // (SO_LINGER 0). on_close gets an empty reason.
+  void abort(bool send_reset = false) noexcept { close_now({}, send_reset); }
+
+  // Stops reading until resume_reading(); independent of the automatic backpressure pause.
+  void pause_reading() noexcept {
+    user_paused_ = true;
+    update_interest();
+  }
+
+  // Resumes reading; bytes left unconsumed are handed to on_data again (with any new ones).
+  void resume_reading() noexcept {
+    if (!user_paused_) return;
+    user_paused_ = false;
+    reading_resumed();
+  }
+
+  // False while paused by the user, by backpressure, after EOF, or while closing.
+  bool is_reading() const noexcept { return reading_enabled(); }
+
+  std::size_t pending_output_bytes() const noexcept { return output_.size(); }
+  std::size_t pending_input_bytes() const noexcept { return input_.size(); }
+
+  // Socket addresses; empty endpoints once closed or on failure.
+  Endpoint local_endpoint() const noexcept { return address(&Sys::getsockname); }
+  Endpoint remote_endpoint() const noexcept { return address(&Sys::getpeername); }
+
+  // Registers `fd` (connected, non-blocking, owned from now on) with `loop` and calls on_open.
+  // Returns nullptr with `ec` set when the connection cannot be created (the fd is closed then).
+  // The pointer is valid until on_close returns. exclusive_fd: the library created the fd and
+  // nobody else holds a dup of it, so closing it needs no EPOLL_CTL_DEL.
+  static Connection* open(R& loop, int fd, Handler&& handler, const ConnectionOptions& options,
+                          bool exclusive_fd, std::error_code& ec) noexcept {
+    static_assert(ConnectionHandler<Handler, Connection>,
+                  "reactor: the handler must define on_data(Connection&, std::string_view) "
+                  "returning void or std::size_t (handler must define on_data)");
+    ec.clear();
+    Connection* connection = nullptr;
+    try {
+      connection = new Connection(loop, fd, std::move(handler), options, exclusive_fd);
+    } catch (const std::bad_alloc&) {
+      ec = std::make_error_code(std::errc::not_enough_memory);
+    } catch (...) {
+      ec = make_error_code(Error::kHandlerException);
+    }
+    if (connection == nullptr) {
+      Sys::close(fd);
+      return nullptr;
+    }
+    const std::uint32_t events =
+        kEdge ? EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET : EPOLLIN | EPOLLRDHUP;
+    if ((ec = loop.add(*connection, events))) {
+      Sys::close(std::exchange(connection->fd, -1));
+      delete connection;
+      return nullptr;
+    }
+    loop.link_connection(*connection);
+    if constexpr (HasOnOpen<Handler, Connection>) {
+      connection->guarded([connection] { connection->handler_.on_open(*connection); });
+    }
+    return connection;
+  }
+
+ private:
+  Connection(R& loop, int socket, Handler&& handler, const ConnectionOptions& options,
+             bool exclusive_fd)
+      : OwnedWatcher(&on_watcher_op),
+        loop_(&loop),
+        high_water_(clamp32(options.high_water)),
+        low_water_(clamp32(std::min(options.low_water, options.high_water))),
+        max_pending_output_(std::max(options.max_pending_output, options.high_water)),
+        max_pending_input_(clamp32(options.max_pending_input)),
+        exclusive_fd_(exclusive_fd),
+        handler_(std::move(handler)) {
+    fd = socket;
+    if (high_water_ == 0) high_water_ = 1;
+  }
+
+  ~Connection() = default;
+
+  static std::uint32_t clamp32(std::size_t value) noexcept {
+    return static_cast<std::uint32_t>(
+        std::min<std::size_t>(value, std::numeric_limits<std::uint32_t>::max()));
+  }
+
+  static void on_watcher_op(detail::Watcher& watcher, detail::WatcherOp op,
+                            std::uint32_t events) noexcept {
+    auto& self = static_cast<Connection&>(static_cast<detail::OwnedWatcher&>(watcher));
+    switch (op) {
+      case detail::WatcherOp::kEvent:
+        self.handle_events(events);
+        break;
+      case detail::WatcherOp::kResume:
+        self.handle_resume();
+        break;
+      case detail::WatcherOp::kClose:
+        self.close();
+        break;
+      case detail::WatcherOp::kAbort:
+        self.close_now(std::make_error_code(std::errc::operation_canceled));
+        break;
+      case detail::WatcherOp::kFinalize:
+        self.finalize();
+        break;
+    }
+  }
+
+  bool reading_enabled() const noexcept {
+    return fd >= 0 && !eof_ && !close_requested_ && !user_paused_ && !backpressure_;
+  }
+
+  void handle_events(std::uint32_t events) noexcept {
+    if ((events & EPOLLERR) != 0) {
+      int error = 0;
+      socklen_t length = sizeof error;
+      if (Sys::getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &length) == 0 && error != 0) {
+        fail(detail::errno_code(error));
+        return;
+      }
+    }
+    if ((events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) != 0 && reading_enabled()) {
+      read_some();
+      if (fd < 0) return;
+    }
+    if ((events & (EPOLLOUT | EPOLLHUP | EPOLLERR)) != 0 && !output_.empty()) {
+      flush();
+      if (fd < 0) return;
+    }
+    if constexpr (!kEdge) {
+      // EPOLLHUP cannot be masked: level-triggered, it would fire on every epoll_wait. When the
+      // connection can neither read (paused, EOF seen) nor write, nothing will clear it.
+      if ((events & EPOLLHUP) != 0 && !reading_enabled() && output_.empty()) {
+        fail(make_error_code(Error::kPeerHangup));
+      }
+    }
+  }
+
+  // Level-triggered: one read per readiness event. Edge-triggered: read until EAGAIN or a short
+  // read (which means the socket is drained; the next byte brings a new edge), at most
+  // max_reads_per_wakeup times, then yield through the ready list.
+  void read_some() noexcept {
+    char* buffer = loop_->read_buffer();
+    const std::size_t capacity = loop_->read_buffer_size();
+    int budget = kEdge ? loop_->max_reads_per_wakeup() : 1;
+    while (reading_enabled()) {
+      const ssize_t n = Sys::read(fd, buffer, capacity);
+      if (n > 0) {
+        deliver(buffer, static_cast<std::size_t>(n));
+        if (!kEdge || static_cast<std::size_t>(n) < capacity) return;
+        if (--budget == 0) {
+          if (reading_enabled()) loop_->schedule_ready(*this);
+          return;
+        }
+        continue;
+      }
+      if (n == 0) {
+        peer_eof();
+        return;
+      }
+      if (errno == EINTR) continue;
+      if (errno != EAGAIN && errno != EWOULDBLOCK) fail(detail::last_errno_code());
+      return;
+    }
+  }
+
+  // Run from the ready list: after a read budget ran out (edge mode) or after reading resumed.
+  void handle_resume() noexcept {
+    if (!reading_enabled()) return;
+    if (std::exchange(redeliver_input_, false) && !input_.empty()) {
+      call_on_data(input_.data(), input_.size(), true);
+      if (!reading_enabled()) return;
+    }
+    if constexpr (kEdge) read_some();
+  }
+
+  void reading_resumed() noexcept {
+    if (!reading_enabled()) return;
+    redeliver_input_ = !input_.empty();
+    // Edge mode: bytes that arrived while paused raised no new edge, so go and read them.
+    if (kEdge || redeliver_input_) loop_->schedule_ready(*this);
+    update_interest();
+  }
+
+  void deliver(const char* data, std::size_t size) noexcept {
+    if (input_.empty()) {
+      call_on_data(data, size, false);
+      return;
+    }
+    if (input_.size() + size > max_pending_input_) {
+      fail(make_error_code(Error::kInputLimit));
+      return;
+    }
+    if (!input_.append(data, size)) {
+      fail(std::make_error_code(std::errc::not_enough_memory));
+      return;
+    }
+    call_on_data(input_.data(), input_.size(), true);
+  }
+
+  // Hands bytes to on_data and keeps what it left unconsumed. `stored`: the bytes are input_'s.
+  void call_on_data(const char* data, std::size_t size, bool stored) noexcept {
+    std::size_t consumed = size;
+    if constexpr (ConnectionHandler<Handler, Connection>) {
+      const std::string_view bytes(data, size);
+      const bool ok = guarded([&] {
+        if constexpr (std::is_void_v<decltype(handler_.on_data(*this, bytes))>) {
+          handler_.on_data(*this, bytes);
+        } else {
+          consumed = std::min<std::size_t>(static_cast<std::size_t>(handler_.on_data(*this, bytes)),
+                                           size);
+        }
+      });
+      if (!ok || fd < 0) return;
+    }
+    if (close_requested_) return;  // close() dropped the input already
+    if (stored) {
+      input_.consume(consumed);
+    } else if (consumed < size) {
+      if (size - consumed > max_pending_input_) {
+        fail(make_error_code(Error::kInputLimit));
+      } else if (!input_.append(data + consumed, size - consumed)) {
+        fail(std::make_error_code(std::errc::not_enough_memory));
+      }
+    }
+  }
+
+  void peer_eof() noexcept {
+    eof_ = true;
+    input_.reset();  // an incomplete frame can never complete now
+    if constexpr (HasOnEof<Handler, Connection>) {
+      if (!guarded([this] { handler_.on_eof(*this); }) || fd < 0) return;
+      if (fin_sent_) {
+        close();
+      } else {
+        update_interest();
+      }
+    } else {
+      close();
+    }
+  }
+
+  void flush() noexcept {
+    ChunkPool& pool = loop_->chunk_pool();
+    while (!output_.empty()) {
+      iovec vectors[kMaxIovecs];
+      const int count = output_.gather(vectors, kMaxIovecs);
+      std::size_t wanted = 0;
+      for (int i = 0; i < count; ++i) wanted += vectors[i].iov_len;
+      msghdr message{};
+      message.msg_iov = vectors;
+      message.msg_iovlen = static_cast<std::size_t>(count);
+      const ssize_t n = Sys::sendmsg(fd, &message, MSG_NOSIGNAL);
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+        fail(detail::last_errno_code());
+        return;
+      }
+      output_.consume(pool, static_cast<std::size_t>(n));
+      if (static_cast<std::size_t>(n) < wanted) break;  // socket buffer full
+    }
+    output_drained();
+  }
+
+  // After output shrank: lift backpressure, report drain, finish a pending close or shutdown.
+  void output_drained() noexcept {
+    if (backpressure_ && output_.size() <= low_water_) {
+      backpressure_ = false;
+      if constexpr (HasOnDrain<Handler, Connection>) {
+        if (!guarded([this] { handler_.on_drain(*this); }) || fd < 0) return;
+      }
+      reading_resumed();
+      if (fd < 0) return;
+    }
+    if (output_.empty()) {
+      if (close_requested_) {
+        close_now({});
+        return;
+      }
+      if (shutdown_requested_ && !fin_sent_) {
+        send_fin();
+        return;
+      }
+    }
+    update_interest();
+  }
+
+  void send_fin() noexcept {
+    if (Sys::shutdown(fd, SHUT_WR) != 0) {
+      fail(detail::last_errno_code());
+      return;
+    }
+    fin_sent_ = true;
+    if (eof_) {
+      close_now({});
+    } else {
+      update_interest();
+    }
+  }
+
+  // Level-triggered mode keeps epoll's interest equal to what the connection can use now: EPOLLIN
+  // while reading, EPOLLOUT while output is pending. Edge mode registers everything once.
+  void update_interest() noexcept {
+    if constexpr (!kEdge) {
+      if (fd < 0) return;
+      const std::uint32_t wanted = (reading_enabled() ? EPOLLIN | EPOLLRDHUP : 0u) |
+                                   (output_.empty() ? 0u : static_cast<std::uint32_t>(EPOLLOUT));
+      if (wanted == interest) return;
+      if (const std::error_code ec = loop_->modify(*this, wanted)) fail(ec);
+    }
+  }
+
+  void fail(const std::error_code& reason) noexcept { close_now(reason); }
+
+  // Closes the socket now and queues on_close for after the current dispatch.
+  void close_now(const std::error_code& reason, bool send_reset = false) noexcept {
+    if (fd < 0) return;
+    if (send_reset) {
+      const linger option{1, 0};
+      Sys::setsockopt(fd, SOL_SOCKET, SO_LINGER, &option, sizeof option);
+    }
+    if (!exclusive_fd_) loop_->remove(*this);
+    Sys::close(std::exchange(fd, -1));
+    registered = false;
+    output_.clear(loop_->chunk_pool());
+    input_.reset();
+    reason_ = reason;
+    loop_->schedule_finalize(*this);
+  }
+
+  void finalize() noexcept {
+    if constexpr (HasOnClose<Handler, Connection>) {
+      try {
+        handler_.on_close(*this, reason_);
+      } catch (...) {
+        // Nothing is left to report to: the connection is gone either way.
+      }
+    }
+    delete this;
+  }
+
+  // Runs a handler callback; an exception aborts the connection with Error::kHandlerException.
+  // Returns false when the callback threw.
+  template <class F>
+  bool guarded(F&& callback) noexcept {
+    try {
+      callback();
+      return true;
+    } catch (...) {
+      fail(make_error_code(Error::kHandlerException));
+      return false;
+    }
+  }
+
+  template <class Get>
+  Endpoint address(Get get) const noexcept {
+    sockaddr_storage storage{};
+    socklen_t length = sizeof storage;
+    if (fd < 0 || get(fd, reinterpret_cast<sockaddr*>(&storage), &length) != 0) return {};
+    return Endpoint::from_sockaddr(reinterpret_cast<sockaddr*>(&storage), length);
+  }
+
+  R* loop_;
+  OutputQueue output_;
+  InputBuffer input_;
+  std::uint32_t high_water_;
+  std::uint32_t low_water_;
+  std::size_t max_pending_output_;
+  std::uint32_t max_pending_input_;
+  bool exclusive_fd_;
+  bool user_paused_ = false;
+  bool backpressure_ = false;  // paused because output reached high_water_
+  bool redeliver_input_ = false;
+  bool eof_ = false;
+  bool close_requested_ = false;
+  bool shutdown_requested_ = false;
+  bool fin_sent_ = false;
+  std::error_code reason_;
+  [[no_unique_address]] Handler handler_;
+};
+
+// Hands a connected socket to `loop` as a Connection with `handler`; sets O_NONBLOCK on it and
+// calls on_open. Returns nullptr with `ec` set on failure (the fd is closed then). The pointer is
+// valid until on_close returns.
+template <class Handler, class R>
+Connection<Handler, R>* adopt(R& loop, UniqueFd socket, Handler handler,
+                              const ConnectionOptions& options, std::error_code& ec) noexcept {
+  using Sys = typename R::syscalls;
+  const int flags = Sys::fcntl(socket.get(), F_GETFL, 0);
+  if (flags < 0 || Sys::fcntl(socket.get(), F_SETFL, flags | O_NONBLOCK) < 0) {
+    ec = detail::last_errno_code();
+    return nullptr;
+  }
+  return Connection<Handler, R>::open(loop, socket.release(), std::move(handler), options,
+                                      /*exclusive_fd=*/false, ec);
+}
+
+// Throwing overload: std::system_error naming "adopt".
+template <class Handler, class R>
+Connection<Handler, R>& adopt(R& loop, UniqueFd socket, Handler handler,
+                              const ConnectionOptions& options = {}) {
+  std::error_code ec;
+  Connection<Handler, R>* connection =
+      adopt(loop, std::move(socket), std::move(handler), options, ec);
+  if (connection == nullptr) detail::throw_error(ec, "adopt");
+  return *connection;
+}
+
+}  // namespace reactor

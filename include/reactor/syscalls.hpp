@@ -1,0 +1,91 @@
+// Public: the syscall policy. Every system call the library makes goes through a policy type; this
+// is the default, a set of inline forwarders to the kernel. Tests substitute their own policy to
+// inject EINTR, EAGAIN, short transfers, EMFILE and other faults (see tests/support/fault_syscalls.hpp).
+//
+// Contract shared by every policy: each function behaves like the syscall of the same name,
+// returning -1 and setting errno on failure. Functions are static so that a policy costs no storage
+// in the objects that use it; a policy that needs state keeps it itself (thread_local, say).
+#pragma once
+
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+#include <cstddef>
+
+namespace reactor {
+
+struct LinuxSyscalls {
+  static int epoll_create1(int flags) noexcept { return ::epoll_create1(flags); }
+  static int epoll_ctl(int epfd, int op, int fd, epoll_event* event) noexcept {
+    return ::epoll_ctl(epfd, op, fd, event);
+  }
+  static int epoll_wait(int epfd, epoll_event* events, int max_events, int timeout_ms) noexcept {
+    return ::epoll_wait(epfd, events, max_events, timeout_ms);
+  }
+  static int eventfd(unsigned initial, int flags) noexcept { return ::eventfd(initial, flags); }
+  static int signalfd(int fd, const sigset_t* mask, int flags) noexcept {
+    return ::signalfd(fd, mask, flags);
+  }
+  static int sigprocmask(int how, const sigset_t* set, sigset_t* old) noexcept {
+    // pthread_sigmask returns the error number instead of setting errno.
+    const int err = ::pthread_sigmask(how, set, old);
+    if (err == 0) return 0;
+    errno = err;
+    return -1;
+  }
+  static ssize_t read(int fd, void* buffer, std::size_t size) noexcept {
+    return ::read(fd, buffer, size);
+  }
+  static ssize_t write(int fd, const void* buffer, std::size_t size) noexcept {
+    return ::write(fd, buffer, size);
+  }
+  static ssize_t send(int fd, const void* buffer, std::size_t size, int flags) noexcept {
+    return ::send(fd, buffer, size, flags);
+  }
+  static ssize_t sendmsg(int fd, const msghdr* message, int flags) noexcept {
+    return ::sendmsg(fd, message, flags);
+  }
+  static int socket(int domain, int type, int protocol) noexcept {
+    return ::socket(domain, type, protocol);
+  }
+  static int bind(int fd, const sockaddr* address, socklen_t length) noexcept {
+    return ::bind(fd, address, length);
+  }
+  static int listen(int fd, int backlog) noexcept { return ::listen(fd, backlog); }
+  static int accept4(int fd, sockaddr* address, socklen_t* length, int flags) noexcept {
+    return ::accept4(fd, address, length, flags);
+  }
+  static int connect(int fd, const sockaddr* address, socklen_t length) noexcept {
+    return ::connect(fd, address, length);
+  }
+  static int poll(pollfd* fds, nfds_t count, int timeout_ms) noexcept {
+    return ::poll(fds, count, timeout_ms);
+  }
+  static int setsockopt(int fd, int level, int name, const void* value, socklen_t length) noexcept {
+    return ::setsockopt(fd, level, name, value, length);
+  }
+  static int getsockopt(int fd, int level, int name, void* value, socklen_t* length) noexcept {
+    return ::getsockopt(fd, level, name, value, length);
+  }
+  static int getsockname(int fd, sockaddr* address, socklen_t* length) noexcept {
+    return ::getsockname(fd, address, length);
+  }
+  static int getpeername(int fd, sockaddr* address, socklen_t* length) noexcept {
+    return ::getpeername(fd, address, length);
+  }
+  static int fcntl(int fd, int command, int argument) noexcept {
+    return ::fcntl(fd, command, argument);
+  }
+  static int shutdown(int fd, int how) noexcept { return ::shutdown(fd, how); }
+  static int close(int fd) noexcept { return ::close(fd); }
+  static int unlink(const char* path) noexcept { return ::unlink(path); }
+};
+
+}  // namespace reactor
