@@ -164,8 +164,8 @@ class Connection final : private detail::OwnedWatcher {
   static Connection* open(R& loop, int fd, Handler&& handler, const ConnectionOptions& options,
                           bool exclusive_fd, std::error_code& ec) noexcept {
     static_assert(ConnectionHandler<Handler, Connection>,
-                  "reactor: the handler must define on_data(Connection&, std::string_view) "
-                  "returning void or std::size_t (handler must define on_data)");
+                  "reactor: handler must define on_data(Connection&, std::string_view) "
+                  "returning void or std::size_t");
     ec.clear();
     Connection* connection = nullptr;
     try {
@@ -250,6 +250,11 @@ class Connection final : private detail::OwnedWatcher {
         return;
       }
     }
+    if constexpr (kEdge) {
+      // The FIN may already be queued behind the data this wakeup reports, and will raise no
+      // further edge: remember it, so reads go on to the EOF instead of stopping at a short read.
+      if ((events & (EPOLLRDHUP | EPOLLHUP)) != 0) peer_closing_ = true;
+    }
     if ((events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) != 0 && reading_enabled()) {
       read_some();
       if (fd < 0) return;
@@ -268,7 +273,8 @@ class Connection final : private detail::OwnedWatcher {
   }
 
   // Level-triggered: one read per readiness event. Edge-triggered: read until EAGAIN or a short
-  // read (which means the socket is drained; the next byte brings a new edge), at most
+  // read (which means the socket is drained; the next byte brings a new edge), or on to the EOF
+  // once the peer is known to be closing, at most
   // max_reads_per_wakeup times, then yield through the ready list.
   void read_some() noexcept {
     char* buffer = loop_->read_buffer();
@@ -278,7 +284,8 @@ class Connection final : private detail::OwnedWatcher {
       const ssize_t n = Sys::read(fd, buffer, capacity);
       if (n > 0) {
         deliver(buffer, static_cast<std::size_t>(n));
-        if (!kEdge || static_cast<std::size_t>(n) < capacity) return;
+        if (!kEdge) return;
+        if (static_cast<std::size_t>(n) < capacity && !peer_closing_) return;
         if (--budget == 0) {
           if (reading_enabled()) loop_->schedule_ready(*this);
           return;
@@ -507,6 +514,7 @@ class Connection final : private detail::OwnedWatcher {
   bool close_requested_ = false;
   bool shutdown_requested_ = false;
   bool fin_sent_ = false;
+  bool peer_closing_ = false;  // edge mode: EPOLLRDHUP/EPOLLHUP seen, read on to the EOF
   std::error_code reason_;
   [[no_unique_address]] Handler handler_;
 };

@@ -27,8 +27,8 @@ class SignalSet : private detail::Watcher {
 
  public:
   // Throws std::system_error naming "sigprocmask", "signalfd" or "epoll_ctl" on failure.
-  SignalSet(R& loop, std::initializer_list<int> signals, Callback callback)
-      : Watcher(&on_watcher_op), loop_(&loop), callback_(std::move(callback)) {
+  SignalSet(R& loop, std::initializer_list<int> signals, Callback on_signal)
+      : Watcher(&on_watcher_op), loop_(&loop), callback_(std::move(on_signal)) {
     sigemptyset(&mask_);
     sigemptyset(&added_);
     for (int signal : signals) sigaddset(&mask_, signal);

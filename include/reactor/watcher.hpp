@@ -23,8 +23,8 @@ class FdWatcher : private detail::Watcher {
  public:
   // Watches `fd` (not owned; it must outlive the watcher) for `events` (EPOLLIN, EPOLLOUT, and
   // EPOLLET if wanted). Throws std::system_error ("epoll_ctl") on failure.
-  FdWatcher(R& loop, int watched_fd, std::uint32_t events, Callback callback)
-      : Watcher(&on_watcher_op), loop_(&loop), callback_(std::move(callback)) {
+  FdWatcher(R& loop, int watched_fd, std::uint32_t events, Callback on_ready)
+      : Watcher(&on_watcher_op), loop_(&loop), callback_(std::move(on_ready)) {
     fd = watched_fd;
     detail::throw_if(loop_->add(*this, events), "epoll_ctl");
   }

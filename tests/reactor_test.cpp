@@ -1,0 +1,210 @@
+// Tests for include/reactor/reactor.hpp (and the watchers of watcher.hpp and signals.hpp): running
+// and stopping, the event batch, stale events, interest masking, signals, setup errors.
+#include <reactor/reactor.hpp>
+
+#include <pthread.h>
+#include <signal.h>
+
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include <reactor/connection.hpp>
+#include <reactor/signals.hpp>
+#include <reactor/watcher.hpp>
+
+#include "catch.hpp"
+#include "loopback.hpp"
+
+namespace {
+
+using namespace std::chrono_literals;
+using Loop = reactor::Reactor<>;
+
+// A pipe whose read end is readable until drained.
+struct Pipe {
+  Pipe() {
+    int fds[2];
+    REQUIRE(::pipe2(fds, O_NONBLOCK | O_CLOEXEC) == 0);
+    read_end.reset(fds[0]);
+    write_end.reset(fds[1]);
+  }
+  void fill() const { REQUIRE(::write(write_end.get(), "x", 1) == 1); }
+  reactor::UniqueFd read_end;
+  reactor::UniqueFd write_end;
+};
+
+}  // namespace
+
+TEST_CASE("stop from another thread makes run return", "[reactor][threads]") {
+  Loop loop;
+  std::thread stopper([&] { loop.stop(); });
+  loop.run();
+  stopper.join();
+  CHECK_FALSE(loop.stop_requested());  // run consumed the request
+}
+
+TEST_CASE("stop from a callback ends run after the batch, and run can be called again",
+          "[reactor]") {
+  Loop loop;
+  Pipe pipe;
+  int calls = 0;
+  reactor::FdWatcher watcher(loop, pipe.read_end.get(), EPOLLIN, [&](std::uint32_t events) {
+    CHECK(events == EPOLLIN);
+    char byte;
+    REQUIRE(::read(pipe.read_end.get(), &byte, 1) == 1);
+    ++calls;
+    loop.stop();
+  });
+  pipe.fill();
+  loop.run();
+  CHECK(calls == 1);
+  pipe.fill();
+  loop.run();
+  CHECK(calls == 2);
+}
+
+TEST_CASE("run_once returns no events when its timeout passes", "[reactor]") {
+  Loop loop;
+  const auto start = std::chrono::steady_clock::now();
+  CHECK(loop.run_once(20ms) == 0);
+  CHECK(std::chrono::steady_clock::now() - start >= 15ms);
+  CHECK(loop.loop_iterations() == 1);
+}
+
+TEST_CASE("the event batch doubles when it comes back full, up to its maximum", "[reactor]") {
+  reactor::ReactorOptions options;
+  options.initial_events = 2;
+  options.max_events = 8;
+  Loop loop(options);
+  std::vector<Pipe> pipes(10);
+  std::vector<std::unique_ptr<reactor::FdWatcher<void (*)(std::uint32_t)>>> watchers;
+  for (auto& pipe : pipes) {
+    pipe.fill();  // level-triggered and never drained: ready every time
+    watchers.push_back(std::make_unique<reactor::FdWatcher<void (*)(std::uint32_t)>>(
+        loop, pipe.read_end.get(), EPOLLIN, [](std::uint32_t) {}));
+  }
+  CHECK(loop.run_once(0ms) == 2);
+  CHECK(loop.run_once(0ms) == 4);
+  CHECK(loop.run_once(0ms) == 8);
+  CHECK(loop.run_once(0ms) == 8);
+}
+
+namespace {
+
+struct Destroyer {
+  std::unique_ptr<reactor::FdWatcher<Destroyer>>* other;
+  int* calls;
+  void operator()(std::uint32_t /*events*/) const {
+    ++*calls;
+    other->reset();  // removed while its own event may still be queued in this batch
+  }
+};
+
+}  // namespace
+
+TEST_CASE("a watcher destroyed during dispatch gets no stale event from the batch", "[reactor]") {
+  Loop loop;
+  Pipe a;
+  Pipe b;
+  a.fill();
+  b.fill();
+  int calls = 0;
+  std::unique_ptr<reactor::FdWatcher<Destroyer>> watcher_a;
+  std::unique_ptr<reactor::FdWatcher<Destroyer>> watcher_b;
+  watcher_a = std::make_unique<reactor::FdWatcher<Destroyer>>(loop, a.read_end.get(), EPOLLIN,
+                                                              Destroyer{&watcher_b, &calls});
+  watcher_b = std::make_unique<reactor::FdWatcher<Destroyer>>(loop, b.read_end.get(), EPOLLIN,
+                                                              Destroyer{&watcher_a, &calls});
+  CHECK(loop.run_once(1s) == 2);
+  CHECK(calls == 1);
+  CHECK((watcher_a == nullptr) != (watcher_b == nullptr));
+}
+
+namespace {
+
+struct Pausing;
+using PausingConnection = reactor::Connection<Pausing, Loop>;
+
+struct Pausing {
+  std::array<PausingConnection*, 2>* connections;
+  std::array<int, 2>* data_calls;
+  int index;
+  void on_data(PausingConnection& /*connection*/, std::string_view /*bytes*/) {
+    ++(*data_calls)[index];
+    (*connections)[1 - index]->pause_reading();
+  }
+};
+
+}  // namespace
+
+TEST_CASE("an event is masked by the interest registered when it is dispatched", "[reactor]") {
+  Loop loop;
+  std::array<PausingConnection*, 2> connections{};
+  std::array<int, 2> data_calls{};
+  auto [a, peer_a] = test::socket_pair();
+  auto [b, peer_b] = test::socket_pair();
+  connections[0] = &reactor::adopt(loop, std::move(a), Pausing{&connections, &data_calls, 0});
+  connections[1] = &reactor::adopt(loop, std::move(b), Pausing{&connections, &data_calls, 1});
+  REQUIRE(::write(peer_a.get(), "a", 1) == 1);
+  REQUIRE(::write(peer_b.get(), "b", 1) == 1);
+  CHECK(loop.run_once(1s) == 2);
+  CHECK(data_calls[0] + data_calls[1] == 1);  // the paused one's queued EPOLLIN was dropped
+  const int paused = data_calls[0] == 1 ? 1 : 0;
+  connections[paused]->resume_reading();
+  REQUIRE(test::run_until(loop, [&] { return data_calls[paused] == 1; }));
+}
+
+TEST_CASE("a signal arrives as an event through signalfd, and the mask is restored",
+          "[reactor][signals]") {
+  Loop loop;
+  std::vector<int> received;
+  {
+    reactor::SignalSet signals(loop, {SIGUSR1, SIGUSR2}, [&](int signal) {
+      received.push_back(signal);
+    });
+    sigset_t current;
+    ::pthread_sigmask(SIG_BLOCK, nullptr, &current);
+    CHECK(sigismember(&current, SIGUSR1) == 1);
+    REQUIRE(::pthread_kill(::pthread_self(), SIGUSR2) == 0);
+    REQUIRE(test::run_until(loop, [&] { return !received.empty(); }));
+    CHECK(received == std::vector<int>{SIGUSR2});
+  }
+  sigset_t after;
+  ::pthread_sigmask(SIG_BLOCK, nullptr, &after);
+  CHECK(sigismember(&after, SIGUSR1) == 0);
+  CHECK(sigismember(&after, SIGUSR2) == 0);
+}
+
+TEST_CASE("a reactor owns exactly its epoll fd and eventfd", "[reactor]") {
+  const std::size_t before = test::open_fd_count();
+  {
+    Loop loop;
+    CHECK(test::open_fd_count() == before + 2);
+  }
+  CHECK(test::open_fd_count() == before);
+}
+
+namespace {
+
+struct NoEpoll : reactor::LinuxSyscalls {
+  static int epoll_create1(int /*flags*/) noexcept {
+    errno = EMFILE;
+    return -1;
+  }
+};
+
+}  // namespace
+
+TEST_CASE("a reactor that cannot be created throws naming the syscall", "[reactor][errors]") {
+  try {
+    reactor::Reactor<reactor::LevelTriggered, NoEpoll> loop;
+    FAIL("no exception");
+  } catch (const std::system_error& e) {
+    CHECK(e.code() == std::errc::too_many_files_open);
+    CHECK(std::string(e.what()).find("epoll_create1") != std::string::npos);
+  }
+  std::error_code ec;
+  reactor::Reactor<reactor::LevelTriggered, NoEpoll> loop({}, ec);
+  CHECK(ec == std::errc::too_many_files_open);
+}
