@@ -135,7 +135,7 @@ struct ReplyAndClose {
 
 }  // namespace
 
-TEMPLATE_TEST_CASE("a handler can close its own connection; queued output is flushed first",
+TEMPLATE_TEST_CASE("a handler can close its own connection and queued output is flushed first",
                    "[connection][close]", reactor::LevelTriggered, reactor::EdgeTriggered) {
   Loop<TestType> loop;
   Record record;
