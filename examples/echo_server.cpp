@@ -1,13 +1,17 @@
 // echo_server: echoes every byte back, in order, on TCP (IPv4/IPv6) or a Unix socket.
 //
 //   echo_server [--host ADDR] [--port N] [--unix PATH] [--edge] [--high-water BYTES]
+//               [--idle-timeout SECONDS]
 //
 // Prints one line "listening on HOST:PORT" (or "listening on unix:PATH") when ready. On peer EOF
 // it flushes what is pending, then closes. Reading from a client pauses while more than
-// --high-water bytes (default 1 MiB) wait to be sent to it. On SIGINT/SIGTERM it stops accepting,
-// flushes pending output for up to 3 s, closes everything and exits 0.
+// --high-water bytes (default 1 MiB) wait to be sent to it. A connection with no traffic in either
+// direction for --idle-timeout seconds (default 0: never) is closed after flushing. On SIGINT or
+// SIGTERM it stops accepting, flushes pending output for up to 3 s, aborts what is left, reports
+// the counts on stderr and exits 0.
 #include <reactor.hpp>
 
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -23,6 +27,7 @@ struct Options {
   std::string unix_path;
   bool edge = false;
   std::size_t high_water = 1024 * 1024;
+  double idle_timeout_seconds = 0;
 };
 
 // The whole protocol: send back what arrived. Backpressure needs no code here: when the peer
@@ -33,9 +38,24 @@ struct Echo {
 
 [[noreturn]] void usage(const char* program) {
   std::fprintf(stderr,
-               "usage: %s [--host ADDR] [--port N] [--unix PATH] [--edge] [--high-water BYTES]\n",
+               "usage: %s [--host ADDR] [--port N] [--unix PATH] [--edge] [--high-water BYTES]"
+               " [--idle-timeout SECONDS]\n",
                program);
   std::exit(2);
+}
+
+// The whole of `text` as a number in [low, high], or usage().
+template <class T>
+T number(const char* program, const char* text, T low, T high) {
+  char* end = nullptr;
+  errno = 0;
+  const double value = std::strtod(text, &end);
+  if (errno != 0 || end == text || *end != '\0' || value < static_cast<double>(low) ||
+      value > static_cast<double>(high)) {
+    std::fprintf(stderr, "%s: bad number '%s'\n", program, text);
+    usage(program);
+  }
+  return static_cast<T>(value);
 }
 
 Options parse(int argc, char** argv) {
@@ -49,13 +69,15 @@ Options parse(int argc, char** argv) {
     if (arg == "--host") {
       options.host = value();
     } else if (arg == "--port") {
-      options.port = static_cast<std::uint16_t>(std::strtoul(value(), nullptr, 10));
+      options.port = number<std::uint16_t>(argv[0], value(), 0, 65535);
     } else if (arg == "--unix") {
       options.unix_path = value();
     } else if (arg == "--edge") {
       options.edge = true;
     } else if (arg == "--high-water") {
-      options.high_water = std::strtoull(value(), nullptr, 10);
+      options.high_water = number<std::size_t>(argv[0], value(), 1, std::size_t{1} << 40);
+    } else if (arg == "--idle-timeout") {
+      options.idle_timeout_seconds = number<double>(argv[0], value(), 0, 1e6);
     } else {
       usage(argv[0]);
     }
@@ -72,6 +94,8 @@ int serve(const Options& options) {
   listen.connection.high_water = options.high_water;
   listen.connection.low_water = options.high_water / 4;
   listen.connection.max_pending_output = options.high_water * 4 + 64 * 1024;
+  listen.connection.idle_timeout =
+      std::chrono::milliseconds(static_cast<std::int64_t>(options.idle_timeout_seconds * 1000));
 
   reactor::Endpoint endpoint;
   if (!options.unix_path.empty()) {
@@ -81,23 +105,16 @@ int serve(const Options& options) {
   }
   reactor::Acceptor<Echo, Loop> acceptor(loop, endpoint, Echo{}, listen);
 
-  using Clock = std::chrono::steady_clock;
-  Clock::time_point deadline{};
-  reactor::SignalSet signals(loop, {SIGINT, SIGTERM}, [&](int) {
-    acceptor.close();   // stop accepting
-    loop.close_all();   // flush, then close every connection
-    deadline = Clock::now() + std::chrono::seconds(3);
-    loop.stop();
-  });
+  reactor::SignalSet signals(loop, {SIGINT, SIGTERM}, [&](int) { loop.stop(); });
 
   std::printf("listening on %s\n", acceptor.local_endpoint().to_string().c_str());
   std::fflush(stdout);
 
   loop.run();
-  while (loop.connection_count() > 0 && Clock::now() < deadline) {
-    loop.run_once(std::chrono::ceil<std::chrono::milliseconds>(deadline - Clock::now()));
-  }
-  // Whatever is still open is aborted when the reactor goes out of scope.
+  // Stop accepting, let every connection flush and close, abort what is left after 3 s.
+  const reactor::ShutdownReport report = loop.shutdown(std::chrono::seconds(3));
+  std::fprintf(stderr, "echo_server: shut down: %zu connections flushed, %zu aborted\n",
+               report.flushed, report.aborted);
   return 0;
 }
 

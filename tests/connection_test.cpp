@@ -148,6 +148,10 @@ TEMPLATE_TEST_CASE("a handler can close its own connection and queued output is 
     peer.step();
     return peer.eof;
   }));
+  // The connection sent FIN and lingers, reading, until the peer closes too (no RST).
+  CHECK(record.closes == 0);
+  peer.fd.reset();
+  REQUIRE(test::run_until(loop, [&] { return record.closes == 1; }));
   CHECK(peer.received == reply);
   CHECK(record.data_calls == 1);
   CHECK(record.opens == 0);  // the send after close() was refused

@@ -80,6 +80,7 @@ class Acceptor : private detail::Watcher {
   // Stops listening and closes the socket; connections already accepted are unaffected.
   void close() noexcept {
     fd_waiter_.unlink();
+    listener_.unlink();
     if (fd < 0) return;
     loop_->remove(*this);
     Sys::close(std::exchange(fd, -1));
@@ -141,6 +142,8 @@ class Acceptor : private detail::Watcher {
     what = "epoll_ctl";
     if (const std::error_code ec = loop_->add(*this, EPOLLIN)) return close_with(ec);
     fd_waiter_.watcher = this;
+    listener_.watcher = this;
+    loop_->add_listener(listener_);
     return {};
   }
 
@@ -150,10 +153,20 @@ class Acceptor : private detail::Watcher {
   }
 
   static void on_watcher_op(detail::Watcher& watcher, detail::WatcherOp op,
-                            std::uint32_t /*events*/) noexcept {
+                            std::uint32_t /*events*/, void* /*argument*/) noexcept {
     auto& self = static_cast<Acceptor&>(watcher);
+    if (op == detail::WatcherOp::kClose) {  // the reactor is shutting down
+      self.close();
+      return;
+    }
     if (op == detail::WatcherOp::kResume) {
-      if (self.fd < 0 || self.loop_->modify(self, EPOLLIN)) return;
+      if (self.fd < 0) return;
+      if (const std::error_code ec = self.loop_->modify(self, EPOLLIN)) {
+        self.last_error_ = ec;  // still not watching: try again after the next backoff
+        self.loop_->wait_for_fds(self.fd_waiter_, Clock::now() + self.backoff_);
+        self.backoff_ = std::min(self.backoff_ * 2, kMaxBackoff);
+        return;
+      }
     }
     self.accept_some();
   }
@@ -251,6 +264,7 @@ class Acceptor : private detail::Watcher {
   ListenOptions options_;
   Endpoint local_;
   detail::FdWaiter fd_waiter_;
+  detail::ListenerNode listener_;
   std::chrono::milliseconds backoff_ = kFirstBackoff;
   bool* destroyed_ = nullptr;
   std::uint64_t accepted_ = 0;

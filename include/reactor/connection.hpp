@@ -16,6 +16,7 @@
 #include <sys/uio.h>
 
 #include <cerrno>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <limits>
@@ -30,7 +31,9 @@
 #include "endpoint.hpp"
 #include "error.hpp"
 #include "fd.hpp"
+#include "handle.hpp"
 #include "reactor.hpp"
+#include "timer.hpp"
 
 namespace reactor {
 
@@ -45,11 +48,26 @@ struct ConnectionOptions {
   // Bytes a handler may leave unconsumed (a partial frame) before the connection is closed with
   // Error::kInputLimit.
   std::size_t max_pending_input = 1024 * 1024;
+  // Timeouts (zero: none), checked lazily against per-connection timestamps, so traffic costs one
+  // store per read or write and a timer operation only once per period:
+  // - idle: no byte in either direction for this long: flush, then close (reason timed_out);
+  // - read: reading is enabled but no byte arrived for this long: abort (timed_out);
+  // - write: output is pending but none of it was written for this long: abort (timed_out).
+  std::chrono::milliseconds idle_timeout{0};
+  std::chrono::milliseconds read_timeout{0};
+  std::chrono::milliseconds write_timeout{0};
+  // After close() has flushed everything, if the peer has not half-closed yet: send FIN, then read
+  // and discard until the peer's EOF, for at most this long, before closing the socket. Closing a
+  // TCP socket with unread input makes the kernel send RST, and an RST makes the peer discard
+  // what it has received but not yet read — the very bytes close() just flushed. Zero: close at
+  // once.
+  std::chrono::milliseconds linger_timeout{2000};
 };
 
 template <class Handler, class R = Reactor<>>
 class Connection final : private detail::OwnedWatcher {
   using Sys = typename R::syscalls;
+  using Clock = std::chrono::steady_clock;
   static constexpr bool kEdge = R::kEdgeTriggered;
   static constexpr int kMaxIovecs = 64;
 
@@ -84,6 +102,7 @@ class Connection final : private detail::OwnedWatcher {
       while (size > 0) {
         const ssize_t n = Sys::send(fd, bytes, size, MSG_NOSIGNAL);
         if (n >= 0) {
+          last_write_ = loop_->now();
           bytes += n;
           size -= static_cast<std::size_t>(n);
           break;  // the kernel took what fits; the rest waits for EPOLLOUT
@@ -99,16 +118,29 @@ class Connection final : private detail::OwnedWatcher {
       fail(make_error_code(Error::kOutputLimit));
       return false;
     }
+    if (output_.empty()) last_write_ = loop_->now();  // the write timeout counts from here
     if (!output_.append(loop_->chunk_pool(), bytes, size)) {
       fail(std::make_error_code(std::errc::not_enough_memory));
       return false;
     }
     if (!backpressure_ && output_.size() >= high_water_) backpressure_ = true;
     update_interest();
-    return true;
+    return fd >= 0;  // arming EPOLLOUT can fail (ENOMEM), which closes the connection
   }
 
   bool send(std::string_view bytes) noexcept { return send(bytes.data(), bytes.size()); }
+
+  // A handle for other threads (and for code that may outlive this connection). Returns an empty
+  // handle when the reactor's handle table cannot grow (out of memory).
+  ConnectionHandle<R> handle() noexcept {
+    if (handle_index_ == detail::HandleTable::kNone && fd >= 0) {
+      std::uint32_t generation = 0;
+      if (!loop_->handles().acquire(*this, handle_index_, generation)) return {};
+      return {loop_, handle_index_, generation};
+    }
+    if (handle_index_ == detail::HandleTable::kNone) return {};
+    return {loop_, handle_index_, loop_->handles().generation(handle_index_)};
+  }
 
   // Flushes pending output, then sends FIN (half-close); reading goes on. Once the peer's EOF has
   // also arrived, the connection closes.
@@ -118,20 +150,22 @@ class Connection final : private detail::OwnedWatcher {
     if (output_.empty()) send_fin();
   }
 
-  // Stops reading, flushes pending output, then closes. on_close gets an empty reason.
+  // Stops delivering input, flushes pending output, then closes (lingering for the peer's EOF
+  // first, see ConnectionOptions::linger_timeout). on_close gets an empty reason; it runs after the
+  // current dispatch, once the socket is closed.
   void close() noexcept {
     if (fd < 0 || close_requested_) return;
     close_requested_ = true;
     input_.reset();
     if (output_.empty()) {
-      close_now({});
+      finish_close();
     } else {
       update_interest();
     }
   }
 
   // Closes now, dropping pending output; with send_reset the peer gets RST instead of FIN
-  // (SO_LINGER 0). on_close gets an empty reason.
+  // (SO_LINGER 0). on_close gets an empty reason, after the current dispatch.
   void abort(bool send_reset = false) noexcept { close_now({}, send_reset); }
 
   // Stops reading until resume_reading(); independent of the automatic backpressure pause.
@@ -187,6 +221,7 @@ class Connection final : private detail::OwnedWatcher {
       return nullptr;
     }
     loop.link_connection(*connection);
+    if (!connection->arm_timeouts(Clock::now())) return connection;
     if constexpr (HasOnOpen<Handler, Connection>) {
       connection->guarded([connection] { connection->handler_.on_open(*connection); });
     }
@@ -202,6 +237,10 @@ class Connection final : private detail::OwnedWatcher {
         low_water_(clamp32(std::min(options.low_water, options.high_water))),
         max_pending_output_(std::max(options.max_pending_output, options.high_water)),
         max_pending_input_(clamp32(options.max_pending_input)),
+        idle_timeout_ms_(milliseconds32(options.idle_timeout)),
+        read_timeout_ms_(milliseconds32(options.read_timeout)),
+        write_timeout_ms_(milliseconds32(options.write_timeout)),
+        linger_timeout_ms_(milliseconds32(options.linger_timeout)),
         exclusive_fd_(exclusive_fd),
         handler_(std::move(handler)) {
     fd = socket;
@@ -210,13 +249,17 @@ class Connection final : private detail::OwnedWatcher {
 
   ~Connection() = default;
 
+  static std::uint32_t milliseconds32(std::chrono::milliseconds value) noexcept {
+    return clamp32(static_cast<std::size_t>(std::max<std::int64_t>(value.count(), 0)));
+  }
+
   static std::uint32_t clamp32(std::size_t value) noexcept {
     return static_cast<std::uint32_t>(
         std::min<std::size_t>(value, std::numeric_limits<std::uint32_t>::max()));
   }
 
-  static void on_watcher_op(detail::Watcher& watcher, detail::WatcherOp op,
-                            std::uint32_t events) noexcept {
+  static void on_watcher_op(detail::Watcher& watcher, detail::WatcherOp op, std::uint32_t events,
+                            void* argument) noexcept {
     auto& self = static_cast<Connection&>(static_cast<detail::OwnedWatcher&>(watcher));
     switch (op) {
       case detail::WatcherOp::kEvent:
@@ -233,6 +276,14 @@ class Connection final : private detail::OwnedWatcher {
         break;
       case detail::WatcherOp::kFinalize:
         self.finalize();
+        break;
+      case detail::WatcherOp::kSend: {
+        auto& request = *static_cast<detail::SendRequest*>(argument);
+        request.accepted = self.send(request.bytes);
+        break;
+      }
+      case detail::WatcherOp::kTimeout:
+        self.check_timeouts();
         break;
     }
   }
@@ -254,6 +305,10 @@ class Connection final : private detail::OwnedWatcher {
       // The FIN may already be queued behind the data this wakeup reports, and will raise no
       // further edge: remember it, so reads go on to the EOF instead of stopping at a short read.
       if ((events & (EPOLLRDHUP | EPOLLHUP)) != 0) peer_closing_ = true;
+    }
+    if (lingering_) {
+      discard_input();
+      return;
     }
     if ((events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) != 0 && reading_enabled()) {
       read_some();
@@ -283,6 +338,7 @@ class Connection final : private detail::OwnedWatcher {
     while (reading_enabled()) {
       const ssize_t n = Sys::read(fd, buffer, capacity);
       if (n > 0) {
+        last_read_ = loop_->now();
         deliver(buffer, static_cast<std::size_t>(n));
         if (!kEdge) return;
         if (static_cast<std::size_t>(n) < capacity && !peer_closing_) return;
@@ -304,6 +360,10 @@ class Connection final : private detail::OwnedWatcher {
 
   // Run from the ready list: after a read budget ran out (edge mode) or after reading resumed.
   void handle_resume() noexcept {
+    if (lingering_) {
+      discard_input();
+      return;
+    }
     if (!reading_enabled()) return;
     if (std::exchange(redeliver_input_, false) && !input_.empty()) {
       call_on_data(input_.data(), input_.size(), true);
@@ -314,6 +374,7 @@ class Connection final : private detail::OwnedWatcher {
 
   void reading_resumed() noexcept {
     if (!reading_enabled()) return;
+    last_read_ = loop_->now();  // the read timeout does not count time spent paused
     redeliver_input_ = !input_.empty();
     // Edge mode: bytes that arrived while paused raised no new edge, so go and read them.
     if (kEdge || redeliver_input_) loop_->schedule_ready(*this);
@@ -396,6 +457,7 @@ class Connection final : private detail::OwnedWatcher {
         return;
       }
       output_.consume(pool, static_cast<std::size_t>(n));
+      last_write_ = loop_->now();
       if (static_cast<std::size_t>(n) < wanted) break;  // socket buffer full
     }
     output_drained();
@@ -413,7 +475,7 @@ class Connection final : private detail::OwnedWatcher {
     }
     if (output_.empty()) {
       if (close_requested_) {
-        close_now({});
+        finish_close();
         return;
       }
       if (shutdown_requested_ && !fin_sent_) {
@@ -437,12 +499,56 @@ class Connection final : private detail::OwnedWatcher {
     }
   }
 
+  // Everything is flushed and the connection is to close. Unless the peer already sent its FIN,
+  // half-close and drain its input until EOF (or linger_timeout) so that closing sends no RST.
+  void finish_close() noexcept {
+    if (eof_ || linger_timeout_ms_ == 0 || (!fin_sent_ && Sys::shutdown(fd, SHUT_WR) != 0)) {
+      close_now({});
+      return;
+    }
+    fin_sent_ = true;
+    lingering_ = true;
+    if (timer_) loop_->cancel(std::exchange(timer_, TimerId{}));
+    try {
+      timer_ = loop_->schedule_after(std::chrono::milliseconds(linger_timeout_ms_), [this] {
+        timer_ = {};
+        close_now({});
+      });
+    } catch (...) {
+      close_now({});  // no timer, no lingering
+      return;
+    }
+    if constexpr (kEdge) {
+      loop_->schedule_ready(*this);  // input that is already there raised its edge long ago
+    } else {
+      update_interest();
+    }
+  }
+
+  // Lingering: read and drop whatever the peer still sends, until its EOF or an error.
+  void discard_input() noexcept {
+    char* buffer = loop_->read_buffer();
+    const std::size_t capacity = loop_->read_buffer_size();
+    for (int budget = loop_->max_reads_per_wakeup(); budget > 0; --budget) {
+      const ssize_t n = Sys::read(fd, buffer, capacity);
+      if (n > 0) {
+        if (!kEdge) return;
+        continue;
+      }
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
+      close_now({});  // EOF (or an error: the peer is gone either way)
+      return;
+    }
+    loop_->schedule_ready(*this);
+  }
+
   // Level-triggered mode keeps epoll's interest equal to what the connection can use now: EPOLLIN
   // while reading, EPOLLOUT while output is pending. Edge mode registers everything once.
   void update_interest() noexcept {
     if constexpr (!kEdge) {
       if (fd < 0) return;
-      const std::uint32_t wanted = (reading_enabled() ? EPOLLIN | EPOLLRDHUP : 0u) |
+      const std::uint32_t wanted = (reading_enabled() || lingering_ ? EPOLLIN | EPOLLRDHUP : 0u) |
                                    (output_.empty() ? 0u : static_cast<std::uint32_t>(EPOLLOUT));
       if (wanted == interest) return;
       if (const std::error_code ec = loop_->modify(*this, wanted)) fail(ec);
@@ -450,6 +556,70 @@ class Connection final : private detail::OwnedWatcher {
   }
 
   void fail(const std::error_code& reason) noexcept { close_now(reason); }
+
+  bool has_timeouts() const noexcept {
+    return (idle_timeout_ms_ | read_timeout_ms_ | write_timeout_ms_) != 0;
+  }
+
+  // Starts the timeout clock; false (and the connection failed) when no timer could be had.
+  bool arm_timeouts(Clock::time_point now) noexcept {
+    last_read_ = last_write_ = now;
+    if (!has_timeouts()) return true;
+    std::uint32_t shortest = std::numeric_limits<std::uint32_t>::max();
+    for (const std::uint32_t ms : {idle_timeout_ms_, read_timeout_ms_, write_timeout_ms_}) {
+      if (ms != 0) shortest = std::min(shortest, ms);
+    }
+    return schedule_check(now + std::chrono::milliseconds(shortest));
+  }
+
+  bool schedule_check(Clock::time_point due) noexcept {
+    try {
+      timer_ = loop_->schedule_at(due, [this] { check_timeouts(); });
+      return true;
+    } catch (const std::system_error& e) {
+      fail(e.code());
+    } catch (...) {
+      fail(std::make_error_code(std::errc::not_enough_memory));
+    }
+    return false;
+  }
+
+  // The timer fired: act on whichever timeout has really passed, or look again when the next one
+  // could. Traffic since the timer was set just moves the deadline; nothing was rescheduled per
+  // byte.
+  void check_timeouts() noexcept {
+    timer_ = {};
+    if (fd < 0 || lingering_) return;
+    const Clock::time_point now = loop_->now();
+    const auto timed_out = std::make_error_code(std::errc::timed_out);
+    auto next = Clock::time_point::max();
+    if (write_timeout_ms_ != 0 && !output_.empty()) {
+      const auto due = last_write_ + std::chrono::milliseconds(write_timeout_ms_);
+      if (due <= now) return fail(timed_out);
+      next = std::min(next, due);
+    }
+    if (read_timeout_ms_ != 0 && reading_enabled()) {
+      const auto due = last_read_ + std::chrono::milliseconds(read_timeout_ms_);
+      if (due <= now) return fail(timed_out);
+      next = std::min(next, due);
+    }
+    if (idle_timeout_ms_ != 0) {
+      const auto due = std::max(last_read_, last_write_) + std::chrono::milliseconds(idle_timeout_ms_);
+      if (due <= now) {
+        if (close_requested_) return fail(timed_out);  // a whole idle period and still not flushed
+        reason_ = timed_out;
+        close();
+        if (fd < 0) return;
+        next = std::min(next, now + std::chrono::milliseconds(idle_timeout_ms_));
+      } else {
+        next = std::min(next, due);
+      }
+    }
+    if (next == Clock::time_point::max()) {  // nothing running now (paused, say): look again later
+      next = now + std::chrono::milliseconds(std::max({read_timeout_ms_, write_timeout_ms_}));
+    }
+    schedule_check(next);
+  }
 
   // Closes the socket now and queues on_close for after the current dispatch.
   void close_now(const std::error_code& reason, bool send_reset = false) noexcept {
@@ -463,7 +633,11 @@ class Connection final : private detail::OwnedWatcher {
     registered = false;
     output_.clear(loop_->chunk_pool());
     input_.reset();
-    reason_ = reason;
+    if (timer_) loop_->cancel(std::exchange(timer_, TimerId{}));
+    if (handle_index_ != detail::HandleTable::kNone) {
+      loop_->handles().release(std::exchange(handle_index_, detail::HandleTable::kNone));
+    }
+    if (reason) reason_ = reason;
     loop_->schedule_finalize(*this);
   }
 
@@ -506,6 +680,14 @@ class Connection final : private detail::OwnedWatcher {
   std::uint32_t low_water_;
   std::size_t max_pending_output_;
   std::uint32_t max_pending_input_;
+  std::uint32_t idle_timeout_ms_;
+  std::uint32_t read_timeout_ms_;
+  std::uint32_t write_timeout_ms_;
+  std::uint32_t linger_timeout_ms_;
+  std::uint32_t handle_index_ = detail::HandleTable::kNone;
+  TimerId timer_;
+  Clock::time_point last_read_{};
+  Clock::time_point last_write_{};
   bool exclusive_fd_;
   bool user_paused_ = false;
   bool backpressure_ = false;  // paused because output reached high_water_
@@ -514,7 +696,8 @@ class Connection final : private detail::OwnedWatcher {
   bool close_requested_ = false;
   bool shutdown_requested_ = false;
   bool fin_sent_ = false;
-  bool peer_closing_ = false;  // edge mode: EPOLLRDHUP/EPOLLHUP seen, read on to the EOF
+  bool peer_closing_ = false;
+  bool lingering_ = false;  // FIN sent after close(): draining input until the peer's EOF  // edge mode: EPOLLRDHUP/EPOLLHUP seen, read on to the EOF
   std::error_code reason_;
   [[no_unique_address]] Handler handler_;
 };

@@ -1,13 +1,15 @@
-// Public: Reactor, the event loop. It owns one epoll set and one eventfd (for wakeups from other
-// threads), dispatches readiness events to the watchers registered with it (connections,
-// acceptors, signal and fd watchers), and owns the connections it runs.
+// Public: Reactor, the event loop. It owns one epoll set, one eventfd (wakeups from other threads),
+// a timerfd (created with the first timer), and every connection it runs; it dispatches readiness
+// events to the watchers registered with it (connections, acceptors, signal and fd watchers), runs
+// timers and work posted from other threads.
 //
-// Threading: a reactor is driven by one thread, the one calling run() or run_once(). Only stop() may
-// be called from other threads. Everything else, including every callback, happens on the loop
-// thread.
+// Threading: a reactor is driven by one thread, the one calling run() or run_once(). stop() and
+// post() may be called from any thread, and ConnectionHandle's members too; everything else,
+// including every callback, happens on the loop thread.
 #pragma once
 
 #include <sys/epoll.h>
+#include <sys/timerfd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -15,16 +17,23 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <new>
+#include <string_view>
 #include <system_error>
+#include <thread>
+#include <utility>
 #include <vector>
 
 #include "buffer.hpp"
 #include "concepts.hpp"
+#include "detail/handle_table.hpp"
 #include "detail/intrusive_list.hpp"
+#include "detail/task.hpp"
 #include "detail/watcher.hpp"
 #include "error.hpp"
 #include "syscalls.hpp"
+#include "timer.hpp"
 #include "trigger.hpp"
 
 namespace reactor {
@@ -33,6 +42,8 @@ template <class Handler, class R>
 class Connection;
 template <class Handler, class R>
 class Acceptor;
+template <class R>
+class ConnectionHandle;
 
 struct ReactorOptions {
   // Size of the buffer every connection of this reactor reads into (one buffer, shared).
@@ -45,6 +56,13 @@ struct ReactorOptions {
   int max_events = 4096;
   // Free output chunks (16 KiB each) kept for reuse instead of returned to the heap.
   std::size_t cached_chunks = 64;
+};
+
+// What a graceful shutdown did: connections that closed after flushing their output, and those
+// still open at the deadline, which were aborted.
+struct ShutdownReport {
+  std::size_t flushed = 0;
+  std::size_t aborted = 0;
 };
 
 template <TriggerMode Trigger = LevelTriggered, SyscallPolicy Sys = LinuxSyscalls>
@@ -75,8 +93,9 @@ class Reactor {
   Reactor(const Reactor&) = delete;
   Reactor& operator=(const Reactor&) = delete;
 
-  // Aborts every connection still open (each gets on_close with operation_canceled), then closes
-  // the epoll set. Acceptors and watchers must be destroyed before their reactor.
+  // Aborts every connection still open (each gets on_close with operation_canceled), drops posted
+  // work that has not run and pending timers, then closes its fds. Acceptors and watchers must be
+  // destroyed before their reactor.
   ~Reactor() {
     // on_close callbacks could adopt new connections; a bounded number of rounds catches those.
     for (int round = 0; round < 8 && !connections_.empty(); ++round) {
@@ -103,9 +122,10 @@ class Reactor {
     }
   }
 
-  // Waits up to `timeout` (negative: forever) for events, dispatches them, runs deferred work (the
-  // ready list, accept retries, close callbacks), and returns the number of epoll events received.
-  // EINTR is retried with the remaining time. Throws std::system_error ("epoll_wait") on failure.
+  // Waits up to `timeout` (negative: forever) for events, dispatches them, then runs deferred work
+  // (the ready list, due timers, posted work, accept retries, close callbacks), and returns the
+  // number of epoll events received. EINTR is retried with the remaining time. Throws
+  // std::system_error ("epoll_wait") on failure.
   std::size_t run_once(std::chrono::milliseconds timeout = std::chrono::milliseconds(-1)) {
     std::error_code ec;
     const std::size_t n = run_once(timeout, ec);
@@ -116,11 +136,15 @@ class Reactor {
   std::size_t run_once(std::chrono::milliseconds timeout, std::error_code& ec) noexcept {
     ec.clear();
     ++iterations_;
+    loop_thread_ = std::this_thread::get_id();
     const int n = wait(wait_timeout(timeout), ec);
+    now_ = Clock::now();
     if (ec) return 0;
     dispatch(n);
     if (n == static_cast<int>(events_.size()) && n < options_.max_events) grow_events();
     run_ready();
+    run_timers();
+    run_posted();
     finalize_closed();
     if (!fd_waiters_.empty() && (fds_freed_ || fd_waiters_due())) {
       run_fd_waiters();
@@ -133,13 +157,53 @@ class Reactor {
   // and from signal handlers (an atomic store and an eventfd write).
   void stop() noexcept {
     stop_requested_.store(true, std::memory_order_release);
-    const std::uint64_t one = 1;
-    // The eventfd counter cannot overflow in practice; EAGAIN would mean a wakeup is pending anyway.
-    [[maybe_unused]] const ssize_t n = Sys::write(wakeup_.fd, &one, sizeof one);
+    wake();
   }
 
   // Whether a stop() is pending (not yet consumed by run()).
   bool stop_requested() const noexcept { return stop_requested_.load(std::memory_order_acquire); }
+
+  // Queues `task` (any callable taking no arguments) to run on the loop thread, after the current
+  // batch of events, in FIFO order with other posted work. Safe from any thread; wakes the loop with
+  // one eventfd write however many tasks are queued before it runs. Callables of up to 48 bytes are
+  // stored without allocating (the queue itself grows once and is reused). Work still queued when
+  // the reactor is destroyed is dropped without running. Exceptions from a task are dropped.
+  template <class F>
+  void post(F&& task) {
+    {
+      const std::lock_guard lock(post_mutex_);
+      posted_.emplace_back(std::forward<F>(task));
+    }
+    if (!wakeup_pending_.exchange(true, std::memory_order_acq_rel)) wake();
+  }
+
+  // Timers run on the loop thread, earliest first; ties run in scheduling order. They cost
+  // O(log n) to schedule, cancel and fire, and one timerfd for all of them. Throw std::bad_alloc, or
+  // std::system_error naming "timerfd_create" when the first timer cannot get its fd.
+  template <class F>
+  TimerId schedule_after(Clock::duration delay, F&& callback) {
+    return schedule(Clock::now() + delay, Clock::duration::zero(), std::forward<F>(callback));
+  }
+  template <class F>
+  TimerId schedule_at(Clock::time_point due, F&& callback) {
+    return schedule(due, Clock::duration::zero(), std::forward<F>(callback));
+  }
+  // Runs every `period` (first after one period) at start + k * period, without drift; a period
+  // missed because the loop was busy is skipped, not run twice.
+  template <class F>
+  TimerId schedule_every(Clock::duration period, F&& callback) {
+    period = std::max<Clock::duration>(period, std::chrono::microseconds(1));
+    return schedule(Clock::now() + period, period, std::forward<F>(callback));
+  }
+
+  // Cancels a timer; returns false if it already ran (one-shot) or was cancelled. Safe from any
+  // timer callback, the timer's own included.
+  bool cancel(TimerId id) noexcept { return timers_.cancel(id); }
+
+  std::size_t pending_timers() const noexcept { return timers_.size(); }
+
+  // The loop's clock, read once per iteration after epoll_wait (what connection timeouts use).
+  Clock::time_point now() const noexcept { return now_; }
 
   // Connections currently owned by this reactor (open, or closed and awaiting on_close).
   std::size_t connection_count() const noexcept { return connection_count_; }
@@ -150,6 +214,31 @@ class Reactor {
   // Asks every connection to close gracefully (flush pending output, then close). Connections
   // then leave one by one as their output drains; connection_count() reaches 0 when all are gone.
   void close_all() noexcept { for_each_open_connection(detail::WatcherOp::kClose); }
+
+  // Graceful shutdown, run on the loop thread outside any callback: closes every acceptor, asks
+  // every connection to flush and close, runs the loop until all are gone or `grace` has passed,
+  // then aborts the rest (on_close gets timed_out). Timers and posted work keep running meanwhile.
+  ShutdownReport shutdown(std::chrono::milliseconds grace) noexcept {
+    for (auto* node = listeners_.front(); node != nullptr; node = listeners_.front()) {
+      node->unlink();  // the acceptor's close() would unlink it too; never loop on one
+      node->watcher->function(*node->watcher, detail::WatcherOp::kClose, 0, nullptr);
+    }
+    const std::size_t open = connection_count_;
+    close_all();
+    const auto deadline = Clock::now() + grace;
+    std::error_code ec;
+    while (connection_count_ > 0 && !ec) {
+      const auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - Clock::now());
+      if (left.count() <= 0) break;
+      run_once(left, ec);
+    }
+    ShutdownReport report;
+    report.aborted = std::min(connection_count_, open);
+    report.flushed = open - report.aborted;
+    for_each_open_connection(detail::WatcherOp::kAbort);
+    finalize_closed();
+    return report;
+  }
 
   // Low-level registration of a watcher's fd (events as for epoll_ctl). Return the error, if any;
   // they never throw. remove() also drops any event for the watcher still queued in the batch
@@ -185,16 +274,21 @@ class Reactor {
   friend class Connection;
   template <class Handler, class R>
   friend class Acceptor;
+  template <class R>
+  friend class ConnectionHandle;
 
   using ConnectionList = detail::IntrusiveList<detail::OwnedWatcher, detail::AllConnectionsTag>;
   using ReadyList = detail::IntrusiveList<detail::OwnedWatcher, detail::ReadyTag>;
   using FdWaiterList = detail::IntrusiveList<detail::FdWaiter, detail::FdWaitTag>;
+  using ListenerList = detail::IntrusiveList<detail::ListenerNode, detail::ListenerTag>;
 
   std::error_code open() noexcept {
     options_.initial_events = std::clamp(options_.initial_events, 1, 1 << 20);
     options_.max_events = std::max(options_.max_events, options_.initial_events);
     options_.read_buffer_size = std::max<std::size_t>(options_.read_buffer_size, 1024);
     options_.max_reads_per_wakeup = std::max(options_.max_reads_per_wakeup, 1);
+    now_ = Clock::now();
+    loop_thread_ = std::this_thread::get_id();  // the creating thread, until some thread runs it
     epoll_fd_ = Sys::epoll_create1(EPOLL_CLOEXEC);
     if (epoll_fd_ < 0) return detail::last_errno_code();
     wakeup_.fd = Sys::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
@@ -211,8 +305,15 @@ class Reactor {
   }
 
   void close_fds() noexcept {
+    if (timer_.fd >= 0) Sys::close(std::exchange(timer_.fd, -1));
     if (wakeup_.fd >= 0) Sys::close(std::exchange(wakeup_.fd, -1));
     if (epoll_fd_ >= 0) Sys::close(std::exchange(epoll_fd_, -1));
+  }
+
+  void wake() noexcept {
+    const std::uint64_t one = 1;
+    // EAGAIN would mean the counter is saturated, so a wakeup is pending anyway.
+    [[maybe_unused]] const ssize_t n = Sys::write(wakeup_.fd, &one, sizeof one);
   }
 
   // Applies `op` to every connection that is still open; connections may close (or open) others
@@ -222,7 +323,7 @@ class Reactor {
     pending.splice_back(connections_);
     for (auto* node = pending.pop_front(); node != nullptr; node = pending.pop_front()) {
       connections_.push_back(*node);
-      if (node->fd >= 0) node->function(*node, op, 0);
+      if (node->fd >= 0) node->function(*node, op, 0, nullptr);
     }
   }
 
@@ -275,15 +376,15 @@ class Reactor {
       // A watcher closed earlier in this batch has fd -1 (connections, freed only after the
       // batch) or had its entries cleared by remove()/forget() (everything else).
       if (watcher == nullptr || watcher->fd < 0) continue;
-      if (watcher == &wakeup_) {
-        std::uint64_t count;
-        [[maybe_unused]] const ssize_t r = Sys::read(wakeup_.fd, &count, sizeof count);
+      if (watcher == &wakeup_ || watcher == &timer_) {
+        std::uint64_t count;  // drain: the work itself runs after the batch
+        [[maybe_unused]] const ssize_t r = Sys::read(watcher->fd, &count, sizeof count);
         continue;
       }
       // Interest may have changed since the kernel queued this event (another handler paused
       // this connection, say): deliver only what the watcher still asks for.
       const std::uint32_t events = event.events & (watcher->interest | EPOLLERR | EPOLLHUP);
-      if (events != 0) watcher->function(*watcher, detail::WatcherOp::kEvent, events);
+      if (events != 0) watcher->function(*watcher, detail::WatcherOp::kEvent, events, nullptr);
     }
     batch_index_ = -1;
     batch_size_ = 0;
@@ -304,27 +405,82 @@ class Reactor {
     ReadyList batch;
     batch.splice_back(ready_);
     for (auto* node = batch.pop_front(); node != nullptr; node = batch.pop_front()) {
-      if (node->fd >= 0) node->function(*node, detail::WatcherOp::kResume, 0);
+      if (node->fd >= 0) node->function(*node, detail::WatcherOp::kResume, 0, nullptr);
     }
   }
 
+  template <class F>
+  TimerId schedule(Clock::time_point due, Clock::duration period, F&& callback) {
+    if (timer_.fd < 0) {
+      timer_.fd = Sys::timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+      if (timer_.fd < 0) detail::throw_error(detail::last_errno_code(), "timerfd_create");
+      if (const std::error_code ec = add(timer_, EPOLLIN)) {
+        Sys::close(std::exchange(timer_.fd, -1));
+        detail::throw_error(ec, "epoll_ctl");
+      }
+    }
+    const TimerId id = timers_.add(due, period, detail::Task(std::forward<F>(callback)));
+    arm_timer();
+    return id;
+  }
+
+  // Points the timerfd at the earliest deadline when that moved earlier; a deadline that moved
+  // later (a cancel) costs one early wakeup instead of a syscall now.
+  void arm_timer() noexcept {
+    if (timers_.empty() || timer_.fd < 0) return;
+    const auto due = timers_.next_due();
+    if (due >= armed_due_ && armed_due_ > now_) return;
+    armed_due_ = due;
+    const auto since_epoch = std::chrono::duration_cast<std::chrono::nanoseconds>(
+        std::max(due, Clock::time_point(std::chrono::nanoseconds(1))).time_since_epoch());
+    itimerspec spec{};
+    spec.it_value.tv_sec = static_cast<time_t>(since_epoch.count() / 1'000'000'000);
+    spec.it_value.tv_nsec = static_cast<long>(since_epoch.count() % 1'000'000'000);
+    // steady_clock is CLOCK_MONOTONIC on Linux (libstdc++ and libc++), so the clocks agree.
+    Sys::timerfd_settime(timer_.fd, TFD_TIMER_ABSTIME, &spec, nullptr);
+  }
+
+  void run_timers() noexcept {
+    if (timers_.empty()) return;
+    if (timers_.next_due() <= now_) {
+      armed_due_ = Clock::time_point::min();  // the timerfd fired or is about to: re-arm below
+      timers_.run_due(now_);
+    }
+    arm_timer();
+  }
+
+  void run_posted() noexcept {
+    if (!wakeup_pending_.load(std::memory_order_acquire)) return;
+    wakeup_pending_.store(false, std::memory_order_release);
+    {
+      const std::lock_guard lock(post_mutex_);
+      running_.swap(posted_);
+    }
+    for (auto& task : running_) {
+      try {
+        task();
+      } catch (...) {
+        // Dropped: posted work has nobody to report to.
+      }
+    }
+    running_.clear();  // keeps the capacity: the next swap reuses it
+  }
+
   bool fd_waiters_due() noexcept {
-    const auto now = Clock::now();
     bool any = false;
-    fd_waiters_.for_each([&](const detail::FdWaiter& w) { any = any || w.due <= now; });
+    fd_waiters_.for_each([&](const detail::FdWaiter& w) { any = any || w.due <= now_; });
     return any;
   }
 
   // Resumes every fd waiter when fds were freed since the last call, else those whose time has
   // come. A resumed waiter that is still short of fds queues itself again.
   void run_fd_waiters() noexcept {
-    const auto now = Clock::now();
     const bool all = std::exchange(fds_freed_, false);
     FdWaiterList pending;
     pending.splice_back(fd_waiters_);
     for (auto* waiter = pending.pop_front(); waiter != nullptr; waiter = pending.pop_front()) {
-      if (all || waiter->due <= now) {
-        waiter->watcher->function(*waiter->watcher, detail::WatcherOp::kResume, 0);
+      if (all || waiter->due <= now_) {
+        waiter->watcher->function(*waiter->watcher, detail::WatcherOp::kResume, 0, nullptr);
       } else {
         fd_waiters_.push_back(*waiter);
       }
@@ -337,6 +493,8 @@ class Reactor {
     waiter.due = due;
     fd_waiters_.push_back(waiter);
   }
+
+  void add_listener(detail::ListenerNode& node) noexcept { listeners_.push_back(node); }
 
   // Connection bookkeeping, used by Connection.
   void link_connection(detail::OwnedWatcher& node) noexcept {
@@ -370,24 +528,31 @@ class Reactor {
       if (closed_head_ == nullptr) closed_tail_ = nullptr;
       static_cast<detail::ListHook<detail::AllConnectionsTag>&>(*node).unlink();
       --connection_count_;
-      node->function(*node, detail::WatcherOp::kFinalize, 0);
+      node->function(*node, detail::WatcherOp::kFinalize, 0, nullptr);
     }
   }
+
+  bool on_loop_thread() const noexcept { return loop_thread_ == std::this_thread::get_id(); }
 
   char* read_buffer() noexcept { return read_buffer_.get(); }
   std::size_t read_buffer_size() const noexcept { return options_.read_buffer_size; }
   int max_reads_per_wakeup() const noexcept { return options_.max_reads_per_wakeup; }
   ChunkPool& chunk_pool() noexcept { return chunk_pool_; }
+  detail::HandleTable& handles() noexcept { return handles_; }
 
-  static void ignore_event(detail::Watcher&, detail::WatcherOp, std::uint32_t) noexcept {}
+  static void ignore_event(detail::Watcher&, detail::WatcherOp, std::uint32_t, void*) noexcept {}
 
   ReactorOptions options_;
   int epoll_fd_ = -1;
   detail::Watcher wakeup_{&ignore_event};
+  detail::Watcher timer_{&ignore_event};
   std::atomic<bool> stop_requested_{false};
+  std::atomic<bool> wakeup_pending_{false};
   std::vector<epoll_event> events_;
   int batch_index_ = -1;
   int batch_size_ = 0;
+  Clock::time_point now_{};
+  std::thread::id loop_thread_{};
   std::unique_ptr<char[]> read_buffer_;
   ChunkPool chunk_pool_;
   ConnectionList connections_;
@@ -397,6 +562,13 @@ class Reactor {
   detail::OwnedWatcher* closed_tail_ = nullptr;
   bool fds_freed_ = false;
   FdWaiterList fd_waiters_;
+  ListenerList listeners_;
+  detail::TimerQueue timers_;
+  Clock::time_point armed_due_ = Clock::time_point::min();
+  std::mutex post_mutex_;
+  std::vector<detail::Task> posted_;
+  std::vector<detail::Task> running_;
+  detail::HandleTable handles_;
   std::uint64_t iterations_ = 0;
 };
 

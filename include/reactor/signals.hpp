@@ -66,7 +66,7 @@ class SignalSet : private detail::Watcher {
   void restore_mask() noexcept { Sys::sigprocmask(SIG_UNBLOCK, &added_, nullptr); }
 
   static void on_watcher_op(detail::Watcher& watcher, detail::WatcherOp op,
-                            std::uint32_t /*events*/) noexcept {
+                            std::uint32_t /*events*/, void* /*argument*/) noexcept {
     if (op != detail::WatcherOp::kEvent) return;
     auto& self = static_cast<SignalSet&>(watcher);
     bool destroyed = false;

@@ -14,6 +14,7 @@
 #include <sys/eventfd.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
+#include <sys/timerfd.h>
 #include <sys/types.h>
 #include <unistd.h>
 
@@ -33,6 +34,12 @@ struct LinuxSyscalls {
   static int eventfd(unsigned initial, int flags) noexcept { return ::eventfd(initial, flags); }
   static int signalfd(int fd, const sigset_t* mask, int flags) noexcept {
     return ::signalfd(fd, mask, flags);
+  }
+  static int timerfd_create(int clock, int flags) noexcept {
+    return ::timerfd_create(clock, flags);
+  }
+  static int timerfd_settime(int fd, int flags, const itimerspec* value, itimerspec* old) noexcept {
+    return ::timerfd_settime(fd, flags, value, old);
   }
   static int sigprocmask(int how, const sigset_t* set, sigset_t* old) noexcept {
     // pthread_sigmask returns the error number instead of setting errno.

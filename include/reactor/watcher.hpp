@@ -40,8 +40,8 @@ class FdWatcher : private detail::Watcher {
   Callback& callback() noexcept { return callback_; }
 
  private:
-  static void on_watcher_op(detail::Watcher& watcher, detail::WatcherOp op,
-                            std::uint32_t events) noexcept {
+  static void on_watcher_op(detail::Watcher& watcher, detail::WatcherOp op, std::uint32_t events,
+                            void* /*argument*/) noexcept {
     if (op != detail::WatcherOp::kEvent) return;
     auto& self = static_cast<FdWatcher&>(watcher);
     try {

@@ -19,10 +19,13 @@ enum class WatcherOp : std::uint8_t {
   kClose,     // close gracefully: flush pending output, then close (connections)
   kAbort,     // close now with operation_canceled: the reactor is being destroyed (connections)
   kFinalize,  // the watcher is closed and unlinked: run its last callback and free it (connections)
+  kSend,      // send the std::string_view that `argument` points to (connections, via handles)
+  kTimeout,   // a connection's timeout check is due (connections)
 };
 
 struct Watcher {
-  using Function = void (*)(Watcher& self, WatcherOp op, std::uint32_t events) noexcept;
+  using Function = void (*)(Watcher& self, WatcherOp op, std::uint32_t events,
+                            void* argument) noexcept;
 
   explicit Watcher(Function on_op) noexcept : function(on_op) {}
 
@@ -41,6 +44,13 @@ struct ReadyTag {};
 struct OwnedWatcher : Watcher, ListHook<AllConnectionsTag>, ListHook<ReadyTag> {
   using Watcher::Watcher;
   OwnedWatcher* next_closed = nullptr;
+};
+
+struct ListenerTag {};
+
+// A listener (acceptor) known to the reactor, so that a graceful shutdown can stop accepting.
+struct ListenerNode : ListHook<ListenerTag> {
+  Watcher* watcher = nullptr;
 };
 
 struct FdWaitTag {};

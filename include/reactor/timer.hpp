@@ -1,0 +1,185 @@
+// Public: TimerId, the handle of a timer scheduled on a Reactor (schedule_after, schedule_at,
+// schedule_every; cancel), and the timer queue behind it: a binary heap indexed by slot, so that
+// scheduling, cancelling and firing are O(log n) and a cancelled or fired id is recognised by its
+// generation. Not thread-safe: timers belong to the reactor thread.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <utility>
+#include <vector>
+
+#include "detail/task.hpp"
+
+namespace reactor {
+
+// Identifies one scheduled timer. A default-constructed id names no timer.
+struct TimerId {
+  std::uint32_t index = std::numeric_limits<std::uint32_t>::max();
+  std::uint32_t generation = 0;
+
+  explicit operator bool() const noexcept { return index != std::numeric_limits<std::uint32_t>::max(); }
+  friend bool operator==(const TimerId&, const TimerId&) = default;
+};
+
+namespace detail {
+
+class TimerQueue {
+ public:
+  using Clock = std::chrono::steady_clock;
+
+  // Schedules `task` at `due`; a positive `period` makes it repeat at due + k * period.
+  TimerId add(Clock::time_point due, Clock::duration period, Task task) {
+    std::uint32_t index;
+    if (free_head_ != kNone) {
+      index = free_head_;
+      free_head_ = slots_[index].next_free;
+    } else {
+      index = static_cast<std::uint32_t>(slots_.size());
+      slots_.emplace_back();
+    }
+    Slot& slot = slots_[index];
+    slot.task = std::move(task);
+    slot.due = due;
+    slot.period = period;
+    slot.sequence = next_sequence_++;
+    slot.heap_position = heap_.size();
+    heap_.push_back(index);
+    sift_up(slot.heap_position);
+    return {index, slot.generation};
+  }
+
+  // Cancels a pending timer; returns false if it already fired (one-shot), was cancelled, or
+  // never existed. Safe from inside any timer callback, including the timer's own.
+  bool cancel(TimerId id) noexcept {
+    if (!id || id.index >= slots_.size()) return false;
+    Slot& slot = slots_[id.index];
+    if (slot.generation != id.generation) return false;
+    if (slot.heap_position != kNotQueued) remove_from_heap(slot.heap_position);
+    release(id.index);
+    return true;
+  }
+
+  bool empty() const noexcept { return heap_.empty(); }
+  std::uint64_t exceptions() const noexcept { return exceptions_; }
+  std::size_t size() const noexcept { return heap_.size(); }
+
+  // The earliest deadline; only meaningful when !empty().
+  Clock::time_point next_due() const noexcept { return slots_[heap_.front()].due; }
+
+  // Runs every timer due at `now`, earliest first (ties in scheduling order). Timers scheduled by
+  // these callbacks wait for the next call, even if already due, so a callback cannot starve the
+  // loop. A periodic timer is rescheduled at its next due time after `now`, skipping missed
+  // periods. Returns how many callbacks ran. An exception from a callback is counted and dropped.
+  std::size_t run_due(Clock::time_point now) {
+    const std::uint64_t pass_end = next_sequence_;
+    std::size_t ran = 0;
+    while (!heap_.empty()) {
+      const std::uint32_t index = heap_.front();
+      if (slots_[index].due > now || slots_[index].sequence >= pass_end) break;
+      remove_from_heap(0);
+      // Move the task out: the callback may add timers, which can reallocate slots_.
+      Task task = std::move(slots_[index].task);
+      const std::uint32_t generation = slots_[index].generation;
+      const bool periodic = slots_[index].period > Clock::duration::zero();
+      if (!periodic) release(index);
+      ++ran;
+      try {
+        task();
+      } catch (...) {
+        ++exceptions_;  // a throwing callback must not leave the queue half-updated
+      }
+      if (!periodic) continue;
+      Slot& slot = slots_[index];
+      if (slot.generation != generation) continue;  // cancelled from inside its own callback
+      const auto behind = (now - slot.due) / slot.period;
+      slot.due += slot.period * (behind + 1);
+      slot.task = std::move(task);
+      slot.sequence = next_sequence_++;
+      slot.heap_position = heap_.size();
+      heap_.push_back(index);
+      sift_up(slot.heap_position);
+    }
+    return ran;
+  }
+
+ private:
+  static constexpr std::uint32_t kNone = std::numeric_limits<std::uint32_t>::max();
+  static constexpr std::size_t kNotQueued = std::numeric_limits<std::size_t>::max();
+
+  struct Slot {
+    Task task;
+    Clock::time_point due{};
+    Clock::duration period{};
+    std::uint64_t sequence = 0;
+    std::size_t heap_position = kNotQueued;
+    std::uint32_t generation = 0;
+    std::uint32_t next_free = kNone;
+  };
+
+  bool earlier(std::uint32_t a, std::uint32_t b) const noexcept {
+    const Slot& x = slots_[a];
+    const Slot& y = slots_[b];
+    return x.due < y.due || (x.due == y.due && x.sequence < y.sequence);
+  }
+
+  void place(std::size_t position, std::uint32_t index) noexcept {
+    heap_[position] = index;
+    slots_[index].heap_position = position;
+  }
+
+  void sift_up(std::size_t position) noexcept {
+    const std::uint32_t index = heap_[position];
+    while (position > 0) {
+      const std::size_t parent = (position - 1) / 2;
+      if (!earlier(index, heap_[parent])) break;
+      place(position, heap_[parent]);
+      position = parent;
+    }
+    place(position, index);
+  }
+
+  void sift_down(std::size_t position) noexcept {
+    const std::uint32_t index = heap_[position];
+    for (;;) {
+      std::size_t child = 2 * position + 1;
+      if (child >= heap_.size()) break;
+      if (child + 1 < heap_.size() && earlier(heap_[child + 1], heap_[child])) ++child;
+      if (!earlier(heap_[child], index)) break;
+      place(position, heap_[child]);
+      position = child;
+    }
+    place(position, index);
+  }
+
+  void remove_from_heap(std::size_t position) noexcept {
+    const std::uint32_t removed = heap_[position];
+    const std::uint32_t last = heap_.back();
+    heap_.pop_back();
+    slots_[removed].heap_position = kNotQueued;
+    if (position == heap_.size()) return;
+    place(position, last);
+    sift_down(position);
+    sift_up(slots_[last].heap_position);
+  }
+
+  void release(std::uint32_t index) noexcept {
+    Slot& slot = slots_[index];
+    slot.task.reset();
+    ++slot.generation;
+    slot.heap_position = kNotQueued;
+    slot.next_free = free_head_;
+    free_head_ = index;
+  }
+
+  std::vector<Slot> slots_;
+  std::vector<std::uint32_t> heap_;
+  std::uint32_t free_head_ = kNone;
+  std::uint64_t next_sequence_ = 0;
+  std::uint64_t exceptions_ = 0;
+};
+
+}  // namespace detail
+}  // namespace reactor
