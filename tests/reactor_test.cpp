@@ -208,3 +208,45 @@ TEST_CASE("a reactor that cannot be created throws naming the syscall", "[reacto
   reactor::Reactor<reactor::LevelTriggered, NoEpoll> loop({}, ec);
   CHECK(ec == std::errc::too_many_files_open);
 }
+
+namespace {
+
+// Sends a large block as soon as it opens.
+struct Greeter {
+  const std::string* block;
+  void on_open(auto& connection) { connection.send(*block); }
+  void on_data(auto& /*connection*/, std::string_view /*bytes*/) {}
+};
+
+}  // namespace
+
+TEST_CASE("graceful shutdown flushes what peers read and aborts the rest at the deadline",
+          "[reactor][shutdown]") {
+  Loop loop;
+  const std::string block = test::pattern(4 << 20, 13);
+  reactor::Acceptor<Greeter, Loop> acceptor(loop, reactor::Endpoint::parse("127.0.0.1:0"),
+                                            Greeter{&block});
+  reactor::UniqueFd reader = reactor::connect(acceptor.local_endpoint());
+  reactor::UniqueFd stuck = reactor::connect(acceptor.local_endpoint());
+  REQUIRE(test::run_until(loop, [&] { return loop.connection_count() == 2; }));
+
+  std::string received;
+  std::thread draining([&] {  // a peer that reads everything, then closes at EOF
+    char buffer[65536];
+    for (;;) {
+      pollfd waiting{reader.get(), POLLIN, 0};
+      if (::poll(&waiting, 1, 10000) <= 0) break;
+      const ssize_t n = ::read(reader.get(), buffer, sizeof buffer);
+      if (n <= 0) break;
+      received.append(buffer, static_cast<std::size_t>(n));
+    }
+    reader.reset();
+  });
+  const reactor::ShutdownReport report = loop.shutdown(500ms);
+  draining.join();
+  CHECK(report.flushed == 1);
+  CHECK(report.aborted == 1);
+  CHECK(received == block);
+  CHECK_FALSE(acceptor.is_open());
+  CHECK(loop.connection_count() == 0);
+}

@@ -136,7 +136,10 @@ class Reactor {
   std::size_t run_once(std::chrono::milliseconds timeout, std::error_code& ec) noexcept {
     ec.clear();
     ++iterations_;
-    loop_thread_ = std::this_thread::get_id();
+    const std::thread::id self = std::this_thread::get_id();
+    if (loop_thread_.load(std::memory_order_relaxed) != self) {
+      loop_thread_.store(self, std::memory_order_relaxed);
+    }
     const int n = wait(wait_timeout(timeout), ec);
     now_ = Clock::now();
     if (ec) return 0;
@@ -288,7 +291,7 @@ class Reactor {
     options_.read_buffer_size = std::max<std::size_t>(options_.read_buffer_size, 1024);
     options_.max_reads_per_wakeup = std::max(options_.max_reads_per_wakeup, 1);
     now_ = Clock::now();
-    loop_thread_ = std::this_thread::get_id();  // the creating thread, until some thread runs it
+    loop_thread_.store(std::this_thread::get_id());  // the creator, until some thread runs it
     epoll_fd_ = Sys::epoll_create1(EPOLL_CLOEXEC);
     if (epoll_fd_ < 0) return detail::last_errno_code();
     wakeup_.fd = Sys::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
@@ -532,7 +535,11 @@ class Reactor {
     }
   }
 
-  bool on_loop_thread() const noexcept { return loop_thread_ == std::this_thread::get_id(); }
+  // Other threads only ever compare it with their own id, which it can never equal, so relaxed
+  // loads suffice.
+  bool on_loop_thread() const noexcept {
+    return loop_thread_.load(std::memory_order_relaxed) == std::this_thread::get_id();
+  }
 
   char* read_buffer() noexcept { return read_buffer_.get(); }
   std::size_t read_buffer_size() const noexcept { return options_.read_buffer_size; }
@@ -552,7 +559,7 @@ class Reactor {
   int batch_index_ = -1;
   int batch_size_ = 0;
   Clock::time_point now_{};
-  std::thread::id loop_thread_{};
+  std::atomic<std::thread::id> loop_thread_{};
   std::unique_ptr<char[]> read_buffer_;
   ChunkPool chunk_pool_;
   ConnectionList connections_;
