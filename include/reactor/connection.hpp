@@ -195,8 +195,9 @@ class Connection final : private detail::OwnedWatcher {
   // Returns nullptr with `ec` set when the connection cannot be created (the fd is closed then).
   // The pointer is valid until on_close returns. exclusive_fd: the library created the fd and
   // nobody else holds a dup of it, so closing it needs no EPOLL_CTL_DEL.
+  // tcp: the socket is TCP (not AF_UNIX), which decides how edge mode treats a short read.
   static Connection* open(R& loop, int fd, Handler&& handler, const ConnectionOptions& options,
-                          bool exclusive_fd, std::error_code& ec) noexcept {
+                          bool exclusive_fd, bool tcp, std::error_code& ec) noexcept {
     static_assert(ConnectionHandler<Handler, Connection>,
                   "reactor: handler must define on_data(Connection&, std::string_view) "
                   "returning void or std::size_t");
@@ -204,6 +205,7 @@ class Connection final : private detail::OwnedWatcher {
     Connection* connection = nullptr;
     try {
       connection = new Connection(loop, fd, std::move(handler), options, exclusive_fd);
+      connection->short_read_drains_ = tcp;
     } catch (const std::bad_alloc&) {
       ec = std::make_error_code(std::errc::not_enough_memory);
     } catch (...) {
@@ -214,7 +216,8 @@ class Connection final : private detail::OwnedWatcher {
       return nullptr;
     }
     const std::uint32_t events =
-        kEdge ? EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET : EPOLLIN | EPOLLRDHUP;
+        kEdge ? EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET | (tcp ? EPOLLPRI : 0u)
+              : EPOLLIN | EPOLLRDHUP;
     if ((ec = loop.add(*connection, events))) {
       Sys::close(std::exchange(connection->fd, -1));
       delete connection;
@@ -305,13 +308,16 @@ class Connection final : private detail::OwnedWatcher {
       // The FIN may already be queued behind the data this wakeup reports, and will raise no
       // further edge: remember it, so reads go on to the EOF instead of stopping at a short read.
       if ((events & (EPOLLRDHUP | EPOLLHUP)) != 0) peer_closing_ = true;
+      // TCP urgent data: a read stops short at the urgent mark with more bytes behind it
+      // (tcp_recvmsg), so from now on this connection reads until EAGAIN.
+      if ((events & EPOLLPRI) != 0) short_read_drains_ = false;
     }
     if (lingering_) {
       discard_input();
       return;
     }
     if ((events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) != 0 && reading_enabled()) {
-      read_some();
+      read_some(true);
       if (fd < 0) return;
     }
     if ((events & (EPOLLOUT | EPOLLHUP | EPOLLERR)) != 0 && !output_.empty()) {
@@ -327,21 +333,25 @@ class Connection final : private detail::OwnedWatcher {
     }
   }
 
-  // Level-triggered: one read per readiness event. Edge-triggered: read until EAGAIN or a short
-  // read (which means the socket is drained; the next byte brings a new edge), or on to the EOF
-  // once the peer is known to be closing, at most
-  // max_reads_per_wakeup times, then yield through the ready list.
-  void read_some() noexcept {
+  // Level-triggered: one read per readiness event. Edge-triggered: read until EAGAIN, at most
+  // max_reads_per_wakeup times, then yield through the ready list. On TCP a short read also ends
+  // it — the receive queue was empty, so the next byte brings a new edge, and the EAGAIN read is
+  // saved — unless the peer is closing (its FIN raises no further edge) or sent urgent data.
+  // AF_UNIX reads can stop short at a boundary between messages carrying different credentials
+  // or fds, so Unix sockets always read to EAGAIN.
+  void read_some(bool woken_by_epoll) noexcept {
     char* buffer = loop_->read_buffer();
     const std::size_t capacity = loop_->read_buffer_size();
     int budget = kEdge ? loop_->max_reads_per_wakeup() : 1;
+    bool first = true;
     while (reading_enabled()) {
       const ssize_t n = Sys::read(fd, buffer, capacity);
       if (n > 0) {
+        first = false;
         last_read_ = loop_->now();
         deliver(buffer, static_cast<std::size_t>(n));
         if (!kEdge) return;
-        if (static_cast<std::size_t>(n) < capacity && !peer_closing_) return;
+        if (static_cast<std::size_t>(n) < capacity && short_read_drains_ && !peer_closing_) return;
         if (--budget == 0) {
           if (reading_enabled()) loop_->schedule_ready(*this);
           return;
@@ -353,7 +363,14 @@ class Connection final : private detail::OwnedWatcher {
         return;
       }
       if (errno == EINTR) continue;
-      if (errno != EAGAIN && errno != EWOULDBLOCK) fail(detail::last_errno_code());
+      if (errno != EAGAIN && errno != EWOULDBLOCK) {
+        fail(detail::last_errno_code());
+      } else if (kEdge && first && woken_by_epoll) {
+        // Woken for input that is not there: a stale edge, or an EAGAIN that was not the kernel's
+        // last word (a layer under the syscall policy). Re-arming makes epoll look again and queue
+        // a new edge if input is in fact ready; it costs a syscall only on such wakeups.
+        if (const std::error_code ec = loop_->modify(*this, interest)) fail(ec);
+      }
       return;
     }
   }
@@ -369,7 +386,7 @@ class Connection final : private detail::OwnedWatcher {
       call_on_data(input_.data(), input_.size(), true);
       if (!reading_enabled()) return;
     }
-    if constexpr (kEdge) read_some();
+    if constexpr (kEdge) read_some(false);
   }
 
   void reading_resumed() noexcept {
@@ -697,6 +714,7 @@ class Connection final : private detail::OwnedWatcher {
   bool shutdown_requested_ = false;
   bool fin_sent_ = false;
   bool peer_closing_ = false;
+  bool short_read_drains_ = false;  // edge mode: a short read means the socket is empty (TCP)
   bool lingering_ = false;  // FIN sent after close(): draining input until the peer's EOF  // edge mode: EPOLLRDHUP/EPOLLHUP seen, read on to the EOF
   std::error_code reason_;
   [[no_unique_address]] Handler handler_;
@@ -714,8 +732,11 @@ Connection<Handler, R>* adopt(R& loop, UniqueFd socket, Handler handler,
     ec = detail::last_errno_code();
     return nullptr;
   }
+  int domain = AF_UNIX;
+  socklen_t length = sizeof domain;
+  Sys::getsockopt(socket.get(), SOL_SOCKET, SO_DOMAIN, &domain, &length);
   return Connection<Handler, R>::open(loop, socket.release(), std::move(handler), options,
-                                      /*exclusive_fd=*/false, ec);
+                                      /*exclusive_fd=*/false, domain != AF_UNIX, ec);
 }
 
 // Throwing overload: std::system_error naming "adopt".

@@ -3,7 +3,9 @@
 // inject EINTR, EAGAIN, short transfers, EMFILE and other faults (see tests/support/fault_syscalls.hpp).
 //
 // Contract shared by every policy: each function behaves like the syscall of the same name,
-// returning -1 and setting errno on failure. Functions are static so that a policy costs no storage
+// returning -1 and setting errno on failure. As with the kernel, EAGAIN from read on a socket
+// means nothing was queued at that moment (edge mode relies on it; it re-arms once after a wakeup
+// whose first read finds nothing, which covers a stray EAGAIN there). Functions are static so that a policy costs no storage
 // in the objects that use it; a policy that needs state keeps it itself (thread_local, say).
 #pragma once
 
