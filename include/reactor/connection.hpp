@@ -102,7 +102,7 @@ class Connection final : private detail::OwnedWatcher {
       while (size > 0) {
         const ssize_t n = Sys::send(fd, bytes, size, MSG_NOSIGNAL);
         if (n >= 0) {
-          last_write_ = loop_->now();
+          last_write_ = loop_->cached_now();
           bytes += n;
           size -= static_cast<std::size_t>(n);
           break;  // the kernel took what fits; the rest waits for EPOLLOUT
@@ -118,7 +118,7 @@ class Connection final : private detail::OwnedWatcher {
       fail(make_error_code(Error::kOutputLimit));
       return false;
     }
-    if (output_.empty()) last_write_ = loop_->now();  // the write timeout counts from here
+    if (output_.empty()) last_write_ = loop_->cached_now();  // the write timeout counts from here
     if (!output_.append(loop_->chunk_pool(), bytes, size)) {
       fail(std::make_error_code(std::errc::not_enough_memory));
       return false;
@@ -348,7 +348,7 @@ class Connection final : private detail::OwnedWatcher {
       const ssize_t n = Sys::read(fd, buffer, capacity);
       if (n > 0) {
         first = false;
-        last_read_ = loop_->now();
+        last_read_ = loop_->cached_now();
         deliver(buffer, static_cast<std::size_t>(n));
         if (!kEdge) return;
         if (static_cast<std::size_t>(n) < capacity && short_read_drains_ && !peer_closing_) return;
@@ -391,7 +391,7 @@ class Connection final : private detail::OwnedWatcher {
 
   void reading_resumed() noexcept {
     if (!reading_enabled()) return;
-    last_read_ = loop_->now();  // the read timeout does not count time spent paused
+    last_read_ = loop_->cached_now();  // the read timeout does not count time spent paused
     redeliver_input_ = !input_.empty();
     // Edge mode: bytes that arrived while paused raised no new edge, so go and read them.
     if (kEdge || redeliver_input_) loop_->schedule_ready(*this);
@@ -474,7 +474,7 @@ class Connection final : private detail::OwnedWatcher {
         return;
       }
       output_.consume(pool, static_cast<std::size_t>(n));
-      last_write_ = loop_->now();
+      last_write_ = loop_->cached_now();
       if (static_cast<std::size_t>(n) < wanted) break;  // socket buffer full
     }
     output_drained();
@@ -607,7 +607,7 @@ class Connection final : private detail::OwnedWatcher {
   void check_timeouts() noexcept {
     timer_ = {};
     if (fd < 0 || lingering_) return;
-    const Clock::time_point now = loop_->now();
+    const Clock::time_point now = loop_->cached_now();
     const auto timed_out = std::make_error_code(std::errc::timed_out);
     auto next = Clock::time_point::max();
     if (write_timeout_ms_ != 0 && !output_.empty()) {

@@ -141,7 +141,9 @@ class Reactor {
       loop_thread_.store(self, std::memory_order_relaxed);
     }
     const int n = wait(wait_timeout(timeout), ec);
-    now_ = Clock::now();
+    // The clock is read only while something is timed (a timer, a connection timeout, an accept
+    // backoff): an untimed echo loop pays no clock_gettime per iteration.
+    if (!timers_.empty() || !fd_waiters_.empty()) now_ = Clock::now();
     if (ec) return 0;
     dispatch(n);
     if (n == static_cast<int>(events_.size()) && n < options_.max_events) grow_events();
@@ -205,8 +207,11 @@ class Reactor {
 
   std::size_t pending_timers() const noexcept { return timers_.size(); }
 
-  // The loop's clock, read once per iteration after epoll_wait (what connection timeouts use).
-  Clock::time_point now() const noexcept { return now_; }
+  // The loop's clock: read once per iteration after epoll_wait while timers are pending (what
+  // connection timeouts use), otherwise read now.
+  Clock::time_point now() const noexcept {
+    return timers_.empty() && fd_waiters_.empty() ? Clock::now() : now_;
+  }
 
   // Connections currently owned by this reactor (open, or closed and awaiting on_close).
   std::size_t connection_count() const noexcept { return connection_count_; }
@@ -220,7 +225,7 @@ class Reactor {
 
   // Graceful shutdown, run on the loop thread outside any callback: closes every acceptor, asks
   // every connection to flush and close, runs the loop until all are gone or `grace` has passed,
-  // then aborts the rest (on_close gets timed_out). Timers and posted work keep running meanwhile.
+  // then aborts the rest (on_close gets operation_canceled). Timers and posted work keep running meanwhile.
   ShutdownReport shutdown(std::chrono::milliseconds grace) noexcept {
     for (auto* node = listeners_.front(); node != nullptr; node = listeners_.front()) {
       node->unlink();  // the acceptor's close() would unlink it too; never loop on one
@@ -537,6 +542,9 @@ class Reactor {
 
   // Other threads only ever compare it with their own id, which it can never equal, so relaxed
   // loads suffice.
+  // The clock as of this iteration's epoll_wait; stale while nothing is timed, when nothing reads it.
+  Clock::time_point cached_now() const noexcept { return now_; }
+
   bool on_loop_thread() const noexcept {
     return loop_thread_.load(std::memory_order_relaxed) == std::this_thread::get_id();
   }
