@@ -19,6 +19,8 @@ namespace {
 using Loop = reactor::Reactor<>;
 using Handle = reactor::ConnectionHandle<Loop>;
 
+constexpr std::size_t kMaxLine = 4096;
+
 struct Room {
   struct Member {
     Handle handle;
@@ -48,11 +50,16 @@ struct Chatter {
     room->broadcast(self, "* #" + std::to_string(number) + " joined\n");
   }
 
-  // Consumes complete lines; a partial line stays in the connection for the next call.
-  std::size_t on_data(auto& /*connection*/, std::string_view bytes) {
+  // Consumes complete lines; a partial line stays in the connection for the next call (the
+  // connection closes the sender once that exceeds max_pending_input).
+  std::size_t on_data(auto& connection, std::string_view bytes) {
     std::size_t consumed = 0;
     for (auto end = bytes.find('\n'); end != std::string_view::npos;
          end = bytes.find('\n', consumed)) {
+      if (end - consumed >= kMaxLine) {  // a complete line can be too long too
+        connection.abort();
+        return bytes.size();
+      }
       line.assign("#").append(std::to_string(number)).append(": ");
       line.append(bytes.substr(consumed, end + 1 - consumed));
       room->broadcast(self, line);
@@ -89,7 +96,7 @@ int main(int argc, char** argv) {
     Loop loop;
     Room room;
     reactor::ListenOptions options;
-    options.connection.max_pending_input = 4096;               // longest line
+    options.connection.max_pending_input = kMaxLine;           // longest partial line
     options.connection.max_pending_output = 1024 * 1024;       // a slow reader is dropped here
     options.connection.idle_timeout = std::chrono::minutes(10);
     reactor::Acceptor<Chatter, Loop> acceptor(

@@ -403,10 +403,8 @@ class Connection final : private detail::OwnedWatcher {
       call_on_data(data, size, false);
       return;
     }
-    if (input_.size() + size > max_pending_input_) {
-      fail(make_error_code(Error::kInputLimit));
-      return;
-    }
+    // The limit applies to what on_data leaves behind, not to this read: the kept bytes plus one
+    // read may exceed it for the length of the call.
     if (!input_.append(data, size)) {
       fail(std::make_error_code(std::errc::not_enough_memory));
       return;
@@ -432,6 +430,7 @@ class Connection final : private detail::OwnedWatcher {
     if (close_requested_) return;  // close() dropped the input already
     if (stored) {
       input_.consume(consumed);
+      if (input_.size() > max_pending_input_) fail(make_error_code(Error::kInputLimit));
     } else if (consumed < size) {
       if (size - consumed > max_pending_input_) {
         fail(make_error_code(Error::kInputLimit));
