@@ -96,8 +96,8 @@ int main(int argc, char** argv) {
     Loop loop;
     Room room;
     reactor::ListenOptions options;
-    options.connection.max_pending_input = kMaxLine;           // longest partial line
-    options.connection.max_pending_output = 1024 * 1024;       // a slow reader is dropped here
+    options.connection.max_pending_input = kMaxLine;      // longest partial line
+    options.connection.max_pending_output = 1024 * 1024;  // a slow reader is dropped here
     options.connection.idle_timeout = std::chrono::minutes(10);
     reactor::Acceptor<Chatter, Loop> acceptor(
         loop, reactor::Endpoint::from_host_port(host, static_cast<std::uint16_t>(port)),

@@ -10,8 +10,8 @@
 //
 // Each connection sends a byte pattern that is a function of (connection, stream offset), so a
 // lost, duplicated, reordered or crossed-over byte is detected without keeping what was sent.
-#include <reactor.hpp>
 #include <sys/resource.h>
+#include <reactor.hpp>
 
 #include <algorithm>
 #include <cerrno>

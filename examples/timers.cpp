@@ -29,13 +29,13 @@ int main() {
 
   // Periodic: every 200 ms, on a fixed grid (no drift), until cancelled below.
   int ticks = 0;
-  const reactor::TimerId tick = loop.schedule_every(200ms, [&] {
-    std::printf("%5lld ms  tick %d\n", elapsed_ms(), ++ticks);
-  });
+  const reactor::TimerId tick = loop.schedule_every(
+      200ms, [&] { std::printf("%5lld ms  tick %d\n", elapsed_ms(), ++ticks); });
 
   // One-shot, cancelled before it fires.
   const reactor::TimerId never = loop.schedule_after(500ms, [] { std::puts("never printed"); });
-  loop.schedule_after(100ms, [&] { std::printf("%5lld ms  cancel: %d\n", elapsed_ms(), loop.cancel(never)); });
+  loop.schedule_after(
+      100ms, [&] { std::printf("%5lld ms  cancel: %d\n", elapsed_ms(), loop.cancel(never)); });
 
   // A connection with a 300 ms idle timeout: nobody writes, so it is closed (timed out).
   int fds[2];

@@ -33,11 +33,11 @@ namespace reactor {
 
 struct ListenOptions {
   int backlog = SOMAXCONN;
-  bool reuse_address = true;   // SO_REUSEADDR (TCP only)
-  bool reuse_port = false;     // SO_REUSEPORT, for one listener per reactor
-  bool tcp_nodelay = true;     // TCP_NODELAY on every accepted TCP connection
-  bool unlink_on_close = true; // Unix sockets: remove the socket file the acceptor created
-  int accept_budget = 64;      // accept4 calls per readiness event, so connections get a turn
+  bool reuse_address = true;     // SO_REUSEADDR (TCP only)
+  bool reuse_port = false;       // SO_REUSEPORT, for one listener per reactor
+  bool tcp_nodelay = true;       // TCP_NODELAY on every accepted TCP connection
+  bool unlink_on_close = true;   // Unix sockets: remove the socket file the acceptor created
+  int accept_budget = 64;        // accept4 calls per readiness event, so connections get a turn
   ConnectionOptions connection;  // applied to every accepted connection
 };
 
@@ -54,8 +54,7 @@ class Acceptor : private detail::Watcher {
   // "getsockname", "epoll_ctl").
   Acceptor(R& loop, const Endpoint& endpoint, Handler prototype = Handler{},
            const ListenOptions& options = {})
-      : Watcher(&on_watcher_op), loop_(&loop), prototype_(std::move(prototype)),
-        options_(options) {
+      : Watcher(&on_watcher_op), loop_(&loop), prototype_(std::move(prototype)), options_(options) {
     const char* what = nullptr;
     if (const std::error_code ec = open(endpoint, what)) detail::throw_error(ec, what);
   }
@@ -63,8 +62,7 @@ class Acceptor : private detail::Watcher {
   // As above, reporting failure through `ec` (the acceptor is then closed).
   Acceptor(R& loop, const Endpoint& endpoint, Handler prototype, const ListenOptions& options,
            std::error_code& ec) noexcept
-      : Watcher(&on_watcher_op), loop_(&loop), prototype_(std::move(prototype)),
-        options_(options) {
+      : Watcher(&on_watcher_op), loop_(&loop), prototype_(std::move(prototype)), options_(options) {
     const char* what = nullptr;
     ec = open(endpoint, what);
   }

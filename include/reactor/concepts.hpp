@@ -49,16 +49,22 @@ concept ConnectionHandler = requires(H& handler, Conn& connection, std::string_v
 // Optional hooks, detected by name and signature.
 // on_open(c): the connection is registered; may send or close.
 template <class H, class Conn>
-concept HasOnOpen = requires(H& handler, Conn& connection) { handler.on_open(connection); };
+concept HasOnOpen = requires(H& handler, Conn& connection) {
+  handler.on_open(connection);
+};
 
 // on_drain(c): pending output fell to the low watermark after it had passed the high watermark.
 template <class H, class Conn>
-concept HasOnDrain = requires(H& handler, Conn& connection) { handler.on_drain(connection); };
+concept HasOnDrain = requires(H& handler, Conn& connection) {
+  handler.on_drain(connection);
+};
 
 // on_eof(c): the peer half-closed. Without this hook the connection closes after flushing; with
 // it, the handler decides (it may go on sending, then call shutdown() or close()).
 template <class H, class Conn>
-concept HasOnEof = requires(H& handler, Conn& connection) { handler.on_eof(connection); };
+concept HasOnEof = requires(H& handler, Conn& connection) {
+  handler.on_eof(connection);
+};
 
 // on_close(c, reason): called exactly once, after the fd is closed; reason is empty for an
 // orderly close. The connection is freed when the hook returns.

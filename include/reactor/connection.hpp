@@ -421,8 +421,8 @@ class Connection final : private detail::OwnedWatcher {
         if constexpr (std::is_void_v<decltype(handler_.on_data(*this, bytes))>) {
           handler_.on_data(*this, bytes);
         } else {
-          consumed = std::min<std::size_t>(static_cast<std::size_t>(handler_.on_data(*this, bytes)),
-                                           size);
+          consumed =
+              std::min<std::size_t>(static_cast<std::size_t>(handler_.on_data(*this, bytes)), size);
         }
       });
       if (!ok || fd < 0) return;
@@ -620,7 +620,8 @@ class Connection final : private detail::OwnedWatcher {
       next = std::min(next, due);
     }
     if (idle_timeout_ms_ != 0) {
-      const auto due = std::max(last_read_, last_write_) + std::chrono::milliseconds(idle_timeout_ms_);
+      const auto due =
+          std::max(last_read_, last_write_) + std::chrono::milliseconds(idle_timeout_ms_);
       if (due <= now) {
         if (close_requested_) return fail(timed_out);  // a whole idle period and still not flushed
         reason_ = timed_out;
@@ -714,7 +715,8 @@ class Connection final : private detail::OwnedWatcher {
   bool fin_sent_ = false;
   bool peer_closing_ = false;
   bool short_read_drains_ = false;  // edge mode: a short read means the socket is empty (TCP)
-  bool lingering_ = false;  // FIN sent after close(): draining input until the peer's EOF  // edge mode: EPOLLRDHUP/EPOLLHUP seen, read on to the EOF
+  bool lingering_ = false;  // FIN sent after close(): draining input until the peer's EOF  // edge
+                            // mode: EPOLLRDHUP/EPOLLHUP seen, read on to the EOF
   std::error_code reason_;
   [[no_unique_address]] Handler handler_;
 };

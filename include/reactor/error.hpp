@@ -54,9 +54,13 @@ inline std::error_code make_error_code(Error e) noexcept {
 namespace detail {
 
 // The system error code for an errno value.
-inline std::error_code errno_code(int err) noexcept { return {err, std::system_category()}; }
+inline std::error_code errno_code(int err) noexcept {
+  return {err, std::system_category()};
+}
 
-inline std::error_code last_errno_code() noexcept { return errno_code(errno); }
+inline std::error_code last_errno_code() noexcept {
+  return errno_code(errno);
+}
 
 // The only place the library throws: every throwing overload forwards its error_code here, with
 // the name of the syscall or operation that failed.

@@ -169,10 +169,11 @@ class Reactor {
   bool stop_requested() const noexcept { return stop_requested_.load(std::memory_order_acquire); }
 
   // Queues `task` (any callable taking no arguments) to run on the loop thread, after the current
-  // batch of events, in FIFO order with other posted work. Safe from any thread; wakes the loop with
-  // one eventfd write however many tasks are queued before it runs. Callables of up to 48 bytes are
-  // stored without allocating (the queue itself grows once and is reused). Work still queued when
-  // the reactor is destroyed is dropped without running. Exceptions from a task are dropped.
+  // batch of events, in FIFO order with other posted work. Safe from any thread; wakes the loop
+  // with one eventfd write however many tasks are queued before it runs. Callables of up to 48
+  // bytes are stored without allocating (the queue itself grows once and is reused). Work still
+  // queued when the reactor is destroyed is dropped without running. Exceptions from a task are
+  // dropped.
   template <class F>
   void post(F&& task) {
     {
@@ -183,8 +184,8 @@ class Reactor {
   }
 
   // Timers run on the loop thread, earliest first; ties run in scheduling order. They cost
-  // O(log n) to schedule, cancel and fire, and one timerfd for all of them. Throw std::bad_alloc, or
-  // std::system_error naming "timerfd_create" when the first timer cannot get its fd.
+  // O(log n) to schedule, cancel and fire, and one timerfd for all of them. Throw std::bad_alloc,
+  // or std::system_error naming "timerfd_create" when the first timer cannot get its fd.
   template <class F>
   TimerId schedule_after(Clock::duration delay, F&& callback) {
     return schedule(Clock::now() + delay, Clock::duration::zero(), std::forward<F>(callback));
@@ -225,7 +226,8 @@ class Reactor {
 
   // Graceful shutdown, run on the loop thread outside any callback: closes every acceptor, asks
   // every connection to flush and close, runs the loop until all are gone or `grace` has passed,
-  // then aborts the rest (on_close gets operation_canceled). Timers and posted work keep running meanwhile.
+  // then aborts the rest (on_close gets operation_canceled). Timers and posted work keep running
+  // meanwhile.
   ShutdownReport shutdown(std::chrono::milliseconds grace) noexcept {
     for (auto* node = listeners_.front(); node != nullptr; node = listeners_.front()) {
       node->unlink();  // the acceptor's close() would unlink it too; never loop on one
@@ -362,8 +364,8 @@ class Reactor {
     Clock::time_point deadline{};
     if (timeout_ms > 0) deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
     for (;;) {
-      const int n = Sys::epoll_wait(epoll_fd_, events_.data(), static_cast<int>(events_.size()),
-                                    timeout_ms);
+      const int n =
+          Sys::epoll_wait(epoll_fd_, events_.data(), static_cast<int>(events_.size()), timeout_ms);
       if (n >= 0) return n;
       if (errno != EINTR) {
         ec = detail::last_errno_code();
@@ -542,7 +544,8 @@ class Reactor {
 
   // Other threads only ever compare it with their own id, which it can never equal, so relaxed
   // loads suffice.
-  // The clock as of this iteration's epoll_wait; stale while nothing is timed, when nothing reads it.
+  // The clock as of this iteration's epoll_wait; stale while nothing is timed, when nothing reads
+  // it.
   Clock::time_point cached_now() const noexcept { return now_; }
 
   bool on_loop_thread() const noexcept {

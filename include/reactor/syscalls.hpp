@@ -1,12 +1,14 @@
 // Public: the syscall policy. Every system call the library makes goes through a policy type; this
 // is the default, a set of inline forwarders to the kernel. Tests substitute their own policy to
-// inject EINTR, EAGAIN, short transfers, EMFILE and other faults (see tests/support/fault_syscalls.hpp).
+// inject EINTR, EAGAIN, short transfers, EMFILE and other faults (see
+// tests/support/fault_syscalls.hpp).
 //
 // Contract shared by every policy: each function behaves like the syscall of the same name,
 // returning -1 and setting errno on failure. As with the kernel, EAGAIN from read on a socket
 // means nothing was queued at that moment (edge mode relies on it; it re-arms once after a wakeup
-// whose first read finds nothing, which covers a stray EAGAIN there). Functions are static so that a policy costs no storage
-// in the objects that use it; a policy that needs state keeps it itself (thread_local, say).
+// whose first read finds nothing, which covers a stray EAGAIN there). Functions are static so that
+// a policy costs no storage in the objects that use it; a policy that needs state keeps it itself
+// (thread_local, say).
 #pragma once
 
 #include <fcntl.h>

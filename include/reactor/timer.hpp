@@ -20,7 +20,9 @@ struct TimerId {
   std::uint32_t index = std::numeric_limits<std::uint32_t>::max();
   std::uint32_t generation = 0;
 
-  explicit operator bool() const noexcept { return index != std::numeric_limits<std::uint32_t>::max(); }
+  explicit operator bool() const noexcept {
+    return index != std::numeric_limits<std::uint32_t>::max();
+  }
   friend bool operator==(const TimerId&, const TimerId&) = default;
 };
 

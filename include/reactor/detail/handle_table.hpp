@@ -25,7 +25,8 @@ class HandleTable {
   ~HandleTable() {
     std::atomic<Slot*>* directory = directory_.load(std::memory_order_relaxed);
     if (directory == nullptr) return;
-    for (std::uint32_t i = 0; i < kMaxBlocks; ++i) delete[] directory[i].load(std::memory_order_relaxed);
+    for (std::uint32_t i = 0; i < kMaxBlocks; ++i)
+      delete[] directory[i].load(std::memory_order_relaxed);
     delete[] directory;
   }
 
@@ -69,8 +70,7 @@ class HandleTable {
     Slot* block = directory[index / kBlockSize].load(std::memory_order_acquire);
     if (block == nullptr) return false;
     const Slot& slot = block[index % kBlockSize];
-    return slot.generation.load(std::memory_order_acquire) == generation &&
-           generation != kNone;
+    return slot.generation.load(std::memory_order_acquire) == generation && generation != kNone;
   }
 
  private:
@@ -93,7 +93,8 @@ class HandleTable {
     if (directory == nullptr) {
       directory = new (std::nothrow) std::atomic<Slot*>[kMaxBlocks];
       if (directory == nullptr) return false;
-      for (std::uint32_t i = 0; i < kMaxBlocks; ++i) directory[i].store(nullptr, std::memory_order_relaxed);
+      for (std::uint32_t i = 0; i < kMaxBlocks; ++i)
+        directory[i].store(nullptr, std::memory_order_relaxed);
       directory_.store(directory, std::memory_order_release);
     }
     const std::uint32_t block_number = slot_count_ / kBlockSize;

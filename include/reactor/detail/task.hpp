@@ -1,7 +1,7 @@
 // Internal: Task, a move-only `void()` callable with inline storage, for posted work and timer
-// callbacks. Callables up to kInlineSize bytes (a lambda capturing a few pointers, or a pointer and a
-// std::string) live inside the Task; larger ones go to the heap. Not for the per-event path, which
-// calls handlers directly.
+// callbacks. Callables up to kInlineSize bytes (a lambda capturing a few pointers, or a pointer and
+// a std::string) live inside the Task; larger ones go to the heap. Not for the per-event path,
+// which calls handlers directly.
 #pragma once
 
 #include <cstddef>
@@ -18,8 +18,8 @@ class Task {
   Task() noexcept = default;
 
   template <class F>
-    requires(!std::is_same_v<std::decay_t<F>, Task> && std::is_invocable_v<std::decay_t<F>&>)
-  Task(F&& callable) {  // NOLINT(google-explicit-constructor): a Task is made from any callable
+  requires(!std::is_same_v<std::decay_t<F>, Task> && std::is_invocable_v<std::decay_t<F>&>)
+      Task(F&& callable) {  // NOLINT(google-explicit-constructor): a Task is made from any callable
     using Stored = std::decay_t<F>;
     if constexpr (fits_inline<Stored>()) {
       ::new (static_cast<void*>(storage_)) Stored(std::forward<F>(callable));
