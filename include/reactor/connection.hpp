@@ -108,7 +108,10 @@ class Connection final : private detail::OwnedWatcher {
           break;  // the kernel took what fits; the rest waits for EPOLLOUT
         }
         if (errno == EINTR) continue;
-        if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+          if (!rearm_after_full_write()) return false;
+          break;
+        }
         fail(detail::last_errno_code());
         return false;
       }
@@ -156,7 +159,7 @@ class Connection final : private detail::OwnedWatcher {
   void close() noexcept {
     if (fd < 0 || close_requested_) return;
     close_requested_ = true;
-    input_.reset();
+    drop_input();
     if (output_.empty()) {
       finish_close();
     } else {
@@ -417,6 +420,7 @@ class Connection final : private detail::OwnedWatcher {
     std::size_t consumed = size;
     if constexpr (ConnectionHandler<Handler, Connection>) {
       const std::string_view bytes(data, size);
+      in_on_data_ = true;  // `bytes` may point into input_: keep it alive until on_data returns
       const bool ok = guarded([&] {
         if constexpr (std::is_void_v<decltype(handler_.on_data(*this, bytes))>) {
           handler_.on_data(*this, bytes);
@@ -425,9 +429,12 @@ class Connection final : private detail::OwnedWatcher {
               std::min<std::size_t>(static_cast<std::size_t>(handler_.on_data(*this, bytes)), size);
         }
       });
-      if (!ok || fd < 0) return;
+      in_on_data_ = false;
+      if (!ok || fd < 0 || close_requested_) {
+        input_.reset();  // closing: nothing more will be delivered
+        return;
+      }
     }
-    if (close_requested_) return;  // close() dropped the input already
     if (stored) {
       input_.consume(consumed);
       if (input_.size() > max_pending_input_) fail(make_error_code(Error::kInputLimit));
@@ -438,6 +445,12 @@ class Connection final : private detail::OwnedWatcher {
         fail(std::make_error_code(std::errc::not_enough_memory));
       }
     }
+  }
+
+  // Frees unconsumed input, unless on_data is running and may still be reading it: then
+  // call_on_data frees it when the handler returns.
+  void drop_input() noexcept {
+    if (!in_on_data_) input_.reset();
   }
 
   void peer_eof() noexcept {
@@ -468,7 +481,10 @@ class Connection final : private detail::OwnedWatcher {
       const ssize_t n = Sys::sendmsg(fd, &message, MSG_NOSIGNAL);
       if (n < 0) {
         if (errno == EINTR) continue;
-        if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+          if (!rearm_after_full_write()) return;
+          break;
+        }
         fail(detail::last_errno_code());
         return;
       }
@@ -539,6 +555,21 @@ class Connection final : private detail::OwnedWatcher {
     } else {
       update_interest();
     }
+  }
+
+  // Edge mode: a write that took nothing (EAGAIN) waits for the EPOLLOUT edge of the buffer
+  // draining. If the EAGAIN was not the kernel's last word (a layer under the syscall policy) no
+  // edge may come; re-arming makes epoll look again. With the kernel this happens only when the
+  // send buffer is exactly full, so it costs a syscall per full buffer, not per message. Returns
+  // false when the connection failed.
+  bool rearm_after_full_write() noexcept {
+    if constexpr (kEdge) {
+      if (const std::error_code ec = loop_->modify(*this, interest)) {
+        fail(ec);
+        return false;
+      }
+    }
+    return true;
   }
 
   // Lingering: read and drop whatever the peer still sends, until its EOF or an error.
@@ -649,7 +680,7 @@ class Connection final : private detail::OwnedWatcher {
     Sys::close(std::exchange(fd, -1));
     registered = false;
     output_.clear(loop_->chunk_pool());
-    input_.reset();
+    drop_input();
     if (timer_) loop_->cancel(std::exchange(timer_, TimerId{}));
     if (handle_index_ != detail::HandleTable::kNone) {
       loop_->handles().release(std::exchange(handle_index_, detail::HandleTable::kNone));
@@ -715,7 +746,8 @@ class Connection final : private detail::OwnedWatcher {
   bool fin_sent_ = false;
   bool peer_closing_ = false;
   bool short_read_drains_ = false;  // edge mode: a short read means the socket is empty (TCP)
-  bool lingering_ = false;  // FIN sent after close(): draining input until the peer's EOF  // edge
+  bool lingering_ = false;
+  bool in_on_data_ = false;  // FIN sent after close(): draining input until the peer's EOF  // edge
                             // mode: EPOLLRDHUP/EPOLLHUP seen, read on to the EOF
   std::error_code reason_;
   [[no_unique_address]] Handler handler_;

@@ -3,21 +3,31 @@
 // test::FaultSyscalls>`. Without an installed script every call goes straight to
 // reactor::LinuxSyscalls; with one, each call of a scripted kind is counted and takes the first
 // queued outcome that matches its fd ("fail with errno E", "transfer at most N bytes", "pass
-// through"), then the standing outcome, if any. Scripts are thread_local: a reactor running on
-// another thread sees none. Modelled on fmt's test/posix-mock.h.
+// through"), then the standing outcome, if any, then the test's own chooser (a fuzz target's
+// input, say), then a random outcome drawn from the script's seeded generator, if random faults
+// were asked for. epoll_wait batches can also be reordered
+// (shuffled, or by a test's own rule) before the reactor sees them. Scripts are thread_local: a
+// reactor running on another thread sees none. Modelled on fmt's test/posix-mock.h.
 #pragma once
 
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 
+#include <algorithm>
 #include <array>
 #include <cassert>
 #include <cerrno>
 #include <climits>
 #include <cstddef>
+#include <cstdint>
 #include <deque>
+#include <functional>
 #include <optional>
+#include <random>
+#include <span>
+#include <utility>
+#include <vector>
 
 #include <reactor/syscalls.hpp>
 
@@ -39,7 +49,8 @@ enum class Call : std::size_t {
 
 // What one scripted call does.
 struct Outcome {
-  enum class Kind { kPass, kFail, kCap };
+  // kRandomCap is resolved when the call is made: a kCap with a limit drawn from [1, limit].
+  enum class Kind { kPass, kFail, kCap, kRandomCap };
   Kind kind = Kind::kPass;
   int error = 0;          // kFail: the errno, with -1 returned and nothing done
   std::size_t limit = 0;  // kCap: the most bytes moved (epoll_wait: the most events returned)
@@ -60,10 +71,29 @@ inline Outcome at_most(std::size_t limit, int fd = -1) {
   return {Outcome::Kind::kCap, 0, limit, fd};
 }
 
+// The call reaches the kernel with its size cut to a random 1..max bytes, drawn per call.
+inline Outcome at_most_random(std::size_t max, int fd = -1) {
+  assert(max > 0 && "at_most_random(0) would read as EOF");
+  return {Outcome::Kind::kRandomCap, 0, max, fd};
+}
+
+// One entry of a random fault mix: `outcome` is picked with probability weight / total weight.
+struct Weighted {
+  Outcome outcome;
+  unsigned weight = 1;
+};
+
 // Installs a script for the current thread for its lifetime; one at a time.
 class FaultScript {
  public:
-  FaultScript() noexcept {
+  // Rewrites a batch epoll_wait returned, before the reactor sees it (reorder it, typically).
+  using BatchRewrite = std::function<void(std::span<epoll_event>)>;
+  // Picks the outcome of a call of `call` on `fd`; pass() leaves it to the random mix, if any.
+  using Chooser = std::function<Outcome(Call call, int fd)>;
+
+  // `seed` drives every random choice (random outcomes, shuffled batches): a failing run is
+  // reproduced by its seed.
+  explicit FaultScript(std::uint64_t seed = 1) noexcept : random_(seed) {
     assert(active() == nullptr && "one FaultScript per thread at a time");
     active() = this;
   }
@@ -82,10 +112,45 @@ class FaultScript {
     at(call).standing = outcome;
     return *this;
   }
-  // Drops the queue and the standing outcome of `call`: from now on it passes through.
+  // Once queue and standing outcome have nothing for a call of `call`, draws its outcome from
+  // `mix` (pass() entries included: give them the weight of the calls that should go through).
+  // `applies(fd)` limits random faults to some fds (the test's own peers, say, are left alone).
+  FaultScript& random(Call call, std::vector<Weighted> mix,
+                      std::function<bool(int)> applies = nullptr) {
+    at(call).mix = std::move(mix);
+    at(call).applies = std::move(applies);
+    return *this;
+  }
+  // Asks `chooser` for the outcome of every call that neither queue nor standing outcome
+  // decides (an empty function: no chooser).
+  FaultScript& choose(Chooser chooser) {
+    chooser_ = std::move(chooser);
+    return *this;
+  }
+  // Drops the queue, the standing outcome and the random mix of `call`: from now on it passes
+  // through.
   void clear(Call call) {
     at(call).queue.clear();
     at(call).standing.reset();
+    at(call).mix.clear();
+    at(call).applies = nullptr;
+  }
+  // Drops every outcome of every kind (batch rewriting stays): the kernel's own behaviour from
+  // now on, with calls still counted.
+  void clear_all() {
+    for (std::size_t i = 0; i < kinds_.size(); ++i) clear(static_cast<Call>(i));
+  }
+
+  // Reorders every non-empty epoll_wait batch at random (the kernel returns ready fds in the
+  // order they became ready; nothing may depend on that order).
+  FaultScript& shuffle_batches(bool on = true) {
+    shuffle_ = on;
+    return *this;
+  }
+  // Applies `rewrite` to every non-empty epoll_wait batch (after shuffling, if that is on too).
+  FaultScript& rewrite_batches(BatchRewrite rewrite) {
+    rewrite_ = std::move(rewrite);
+    return *this;
   }
 
   // Calls of that kind so far, whatever their outcome.
@@ -112,19 +177,59 @@ class FaultScript {
       kind.queue.erase(it);
     } else if (kind.standing && matches(*kind.standing)) {
       outcome = *kind.standing;
+    } else {
+      if (script->chooser_) outcome = script->chooser_(call, fd);
+      if (outcome.kind == Outcome::Kind::kPass && !kind.mix.empty() &&
+          (!kind.applies || kind.applies(fd))) {
+        outcome = script->draw(kind.mix);
+        if (!matches(outcome)) outcome = pass();
+      }
+    }
+    if (outcome.kind == Outcome::Kind::kRandomCap) {
+      outcome.limit = std::uniform_int_distribution<std::size_t>(1, outcome.limit)(script->random_);
+      outcome.kind = Outcome::Kind::kCap;
     }
     if (outcome.kind != Outcome::Kind::kPass)
       ++kind.faults;
     return outcome;
   }
 
+  // Applies the shuffle and rewrite asked for to a batch of `count` events; no-op without a script.
+  static void reorder(epoll_event* events, int count) noexcept {
+    FaultScript* script = active();
+    if (script == nullptr || count <= 0) return;
+    const std::span<epoll_event> batch(events, static_cast<std::size_t>(count));
+    if (script->shuffle_) {
+      std::shuffle(batch.begin(), batch.end(), script->random_);
+      ++script->shuffled_;
+    }
+    if (script->rewrite_) script->rewrite_(batch);
+  }
+
+  // Non-empty batches shuffled so far.
+  std::size_t shuffled_batches() const { return shuffled_; }
+
  private:
   struct PerCall {
     std::deque<Outcome> queue;
     std::optional<Outcome> standing;
+    std::vector<Weighted> mix;
+    std::function<bool(int)> applies;
     std::size_t calls = 0;
     std::size_t faults = 0;
   };
+
+  Outcome draw(const std::vector<Weighted>& mix) {
+    unsigned total = 0;
+    for (const Weighted& w : mix) total += w.weight;
+    if (total == 0) return pass();
+    unsigned pick = std::uniform_int_distribution<unsigned>(0, total - 1)(random_);
+    for (const Weighted& w : mix) {
+      if (pick < w.weight) return w.outcome;
+      pick -= w.weight;
+    }
+    return pass();
+  }
 
   static FaultScript*& active() noexcept {
     static thread_local FaultScript* script = nullptr;
@@ -134,6 +239,11 @@ class FaultScript {
   const PerCall& at(Call call) const { return kinds_[static_cast<std::size_t>(call)]; }
 
   std::array<PerCall, static_cast<std::size_t>(Call::kCount)> kinds_;
+  std::mt19937_64 random_;
+  bool shuffle_ = false;
+  BatchRewrite rewrite_;
+  Chooser chooser_;
+  std::size_t shuffled_ = 0;
 };
 
 // The syscall policy: LinuxSyscalls, with the calls above routed through the current script.
@@ -146,7 +256,9 @@ struct FaultSyscalls : reactor::LinuxSyscalls {
       return failed(o);
     if (o.kind == Outcome::Kind::kCap)
       max_events = static_cast<int>(capped(max_events, o));
-    return Base::epoll_wait(epfd, events, max_events, timeout_ms);
+    const int n = Base::epoll_wait(epfd, events, max_events, timeout_ms);
+    FaultScript::reorder(events, n);
+    return n;
   }
   static int epoll_ctl(int epfd, int op, int fd, epoll_event* event) noexcept {
     const Outcome o = FaultScript::take(Call::kEpollCtl, fd);
