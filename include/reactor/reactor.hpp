@@ -116,9 +116,13 @@ class Reactor {
   // As above; returns with `ec` set if epoll_wait fails with anything but EINTR.
   void run(std::error_code& ec) noexcept {
     ec.clear();
+    note_loop_thread();
+    int events = 0;
     while (!stop_requested_.exchange(false, std::memory_order_acq_rel)) {
-      run_once(std::chrono::milliseconds(-1), ec);
-      if (ec) return;
+      if (const int error = poll_once(-1, events)) {
+        ec = detail::errno_code(error);
+        return;
+      }
     }
   }
 
@@ -134,28 +138,11 @@ class Reactor {
   }
 
   std::size_t run_once(std::chrono::milliseconds timeout, std::error_code& ec) noexcept {
-    ec.clear();
-    ++iterations_;
-    const std::thread::id self = std::this_thread::get_id();
-    if (loop_thread_.load(std::memory_order_relaxed) != self) {
-      loop_thread_.store(self, std::memory_order_relaxed);
-    }
-    const int n = wait(wait_timeout(timeout), ec);
-    // The clock is read only while something is timed (a timer, a connection timeout, an accept
-    // backoff): an untimed echo loop pays no clock_gettime per iteration.
-    if (!timers_.empty() || !fd_waiters_.empty()) now_ = Clock::now();
-    if (ec) return 0;
-    dispatch(n);
-    if (n == static_cast<int>(events_.size()) && n < options_.max_events) grow_events();
-    run_ready();
-    run_timers();
-    run_posted();
-    finalize_closed();
-    if (!fd_waiters_.empty() && (fds_freed_ || fd_waiters_due())) {
-      run_fd_waiters();
-      finalize_closed();
-    }
-    return static_cast<std::size_t>(n);
+    note_loop_thread();
+    int events = 0;
+    const int error = poll_once(timeout.count() < 0 ? -1 : clamp_ms(timeout), events);
+    ec = error != 0 ? detail::errno_code(error) : std::error_code();
+    return static_cast<std::size_t>(events);
   }
 
   // Makes run() return after the current batch, or run_once() return early. Safe from any thread
@@ -292,6 +279,56 @@ class Reactor {
   using FdWaiterList = detail::IntrusiveList<detail::FdWaiter, detail::FdWaitTag>;
   using ListenerList = detail::IntrusiveList<detail::ListenerNode, detail::ListenerTag>;
 
+  // Kinds of deferred work, one bit each in deferred_, so that an iteration with none of it costs
+  // one test after the dispatch.
+  enum Deferred : std::uint8_t {
+    kReadyWork = 1,     // connections on the ready list
+    kClosedWork = 2,    // connections awaiting on_close
+    kTimerWork = 4,     // timers pending
+    kPostedWork = 8,    // the wakeup eventfd fired: posted work may be queued
+    kFdWaiterWork = 16, // acceptors waiting for fds
+  };
+
+  // One iteration: wait (timeout_ms < 0: forever), dispatch, run deferred work. Returns 0 or the
+  // errno of a failed epoll_wait; `events` gets the number of events received.
+  int poll_once(int timeout_ms, int& events) noexcept {
+    ++iterations_;
+    const int error = wait(wait_timeout(timeout_ms), events);
+    // The clock is read only while something is timed (a timer, a connection timeout, an accept
+    // backoff): an untimed echo loop pays no clock_gettime per iteration.
+    if ((deferred_ & (kTimerWork | kFdWaiterWork)) != 0) now_ = Clock::now();
+    if (error != 0) return error;
+    dispatch(events);
+    if (events == batch_capacity_ && events < options_.max_events) grow_events();
+    if (deferred_ != 0) run_deferred();
+    return 0;
+  }
+
+  void run_deferred() noexcept {
+    if ((deferred_ & kReadyWork) != 0) run_ready();
+    if ((deferred_ & kTimerWork) != 0) run_timers();
+    if ((deferred_ & kPostedWork) != 0) run_posted();
+    finalize_closed();
+    if (!fd_waiters_.empty() && (fds_freed_ || fd_waiters_due())) {
+      run_fd_waiters();
+      finalize_closed();
+    }
+    deferred_ = static_cast<std::uint8_t>((ready_.empty() ? 0 : kReadyWork) |
+                                          (timers_.empty() ? 0 : kTimerWork) |
+                                          (fd_waiters_.empty() ? 0 : kFdWaiterWork));
+  }
+
+  void note_loop_thread() noexcept {
+    const std::thread::id self = std::this_thread::get_id();
+    if (loop_thread_.load(std::memory_order_relaxed) != self) {
+      loop_thread_.store(self, std::memory_order_relaxed);
+    }
+  }
+
+  static int clamp_ms(std::chrono::milliseconds timeout) noexcept {
+    return static_cast<int>(std::min<std::int64_t>(timeout.count(), 1 << 30));
+  }
+
   std::error_code open() noexcept {
     options_.initial_events = std::clamp(options_.initial_events, 1, 1 << 20);
     options_.max_events = std::max(options_.max_events, options_.initial_events);
@@ -311,6 +348,7 @@ class Reactor {
     } catch (const std::bad_alloc&) {
       return std::make_error_code(std::errc::not_enough_memory);
     }
+    batch_capacity_ = options_.initial_events;
     return {};
   }
 
@@ -347,10 +385,12 @@ class Reactor {
     return {};
   }
 
-  int wait_timeout(std::chrono::milliseconds timeout) noexcept {
-    if (!ready_.empty() || closed_head_ != nullptr || stop_requested()) return 0;
-    auto ms = timeout.count() < 0 ? std::chrono::milliseconds::max() : timeout;
-    if (!fd_waiters_.empty()) {
+  int wait_timeout(int timeout_ms) noexcept {
+    if ((deferred_ & (kReadyWork | kClosedWork)) != 0 || stop_requested()) return 0;
+    if (fd_waiters_.empty()) return timeout_ms;
+    auto ms = timeout_ms < 0 ? std::chrono::milliseconds::max()
+                             : std::chrono::milliseconds(timeout_ms);
+    {
       auto due = Clock::time_point::max();
       fd_waiters_.for_each([&](const detail::FdWaiter& w) { due = std::min(due, w.due); });
       const auto left = std::chrono::ceil<std::chrono::milliseconds>(due - Clock::now());
@@ -360,17 +400,15 @@ class Reactor {
     return static_cast<int>(std::min<std::int64_t>(ms.count(), 1 << 30));
   }
 
-  int wait(int timeout_ms, std::error_code& ec) noexcept {
+  // epoll_wait, retrying EINTR with the remaining time. Returns 0 or the errno of a failure.
+  int wait(int timeout_ms, int& events) noexcept {
     Clock::time_point deadline{};
     if (timeout_ms > 0) deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
     for (;;) {
-      const int n =
-          Sys::epoll_wait(epoll_fd_, events_.data(), static_cast<int>(events_.size()), timeout_ms);
-      if (n >= 0) return n;
-      if (errno != EINTR) {
-        ec = detail::last_errno_code();
-        return 0;
-      }
+      events = Sys::epoll_wait(epoll_fd_, events_.data(), batch_capacity_, timeout_ms);
+      if (events >= 0) return 0;
+      events = 0;
+      if (errno != EINTR) return errno;
       if (timeout_ms > 0) {
         const auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - Clock::now());
         timeout_ms = static_cast<int>(std::max<std::int64_t>(left.count(), 0));
@@ -389,6 +427,7 @@ class Reactor {
       if (watcher == &wakeup_ || watcher == &timer_) {
         std::uint64_t count;  // drain: the work itself runs after the batch
         [[maybe_unused]] const ssize_t r = Sys::read(watcher->fd, &count, sizeof count);
+        deferred_ |= watcher == &wakeup_ ? kPostedWork : kTimerWork;
         continue;
       }
       // Interest may have changed since the kernel queued this event (another handler paused
@@ -403,6 +442,7 @@ class Reactor {
   void grow_events() noexcept {
     try {
       events_.resize(std::min(events_.size() * 2, static_cast<std::size_t>(options_.max_events)));
+      batch_capacity_ = static_cast<int>(events_.size());
     } catch (const std::bad_alloc&) {
       // Keep the current size: a full batch only means more epoll_wait calls.
     }
@@ -430,6 +470,7 @@ class Reactor {
       }
     }
     const TimerId id = timers_.add(due, period, detail::Task(std::forward<F>(callback)));
+    deferred_ |= kTimerWork;
     arm_timer();
     return id;
   }
@@ -502,6 +543,7 @@ class Reactor {
     waiter.unlink();
     waiter.due = due;
     fd_waiters_.push_back(waiter);
+    deferred_ |= kFdWaiterWork;
   }
 
   void add_listener(detail::ListenerNode& node) noexcept { listeners_.push_back(node); }
@@ -514,6 +556,7 @@ class Reactor {
 
   void schedule_ready(detail::OwnedWatcher& node) noexcept {
     if (!static_cast<detail::ListHook<detail::ReadyTag>&>(node).is_linked()) ready_.push_back(node);
+    deferred_ |= kReadyWork;
   }
 
   // The connection closed its fd: run its last callback and free it after this dispatch.
@@ -527,6 +570,7 @@ class Reactor {
     }
     closed_tail_ = &node;
     fds_freed_ = true;
+    deferred_ |= kClosedWork;
   }
 
   // Runs on_close for every connection closed so far, in closing order, and frees it. Callbacks
@@ -567,6 +611,8 @@ class Reactor {
   std::atomic<bool> stop_requested_{false};
   std::atomic<bool> wakeup_pending_{false};
   std::vector<epoll_event> events_;
+  int batch_capacity_ = 0;  // events_.size(), kept as an int: epoll_wait's type, and no division
+  std::uint8_t deferred_ = 0;  // Deferred bits
   int batch_index_ = -1;
   int batch_size_ = 0;
   Clock::time_point now_{};
