@@ -342,7 +342,7 @@ class Connection final : private detail::OwnedWatcher {
   // saved — unless the peer is closing (its FIN raises no further edge) or sent urgent data.
   // AF_UNIX reads can stop short at a boundary between messages carrying different credentials
   // or fds, so Unix sockets always read to EAGAIN.
-  void read_some(bool woken_by_epoll) noexcept {
+  [[gnu::always_inline]] inline void read_some(bool woken_by_epoll) noexcept {
     char* buffer = loop_->read_buffer();
     const std::size_t capacity = loop_->read_buffer_size();
     int budget = kEdge ? loop_->max_reads_per_wakeup() : 1;
@@ -401,7 +401,7 @@ class Connection final : private detail::OwnedWatcher {
     update_interest();
   }
 
-  void deliver(const char* data, std::size_t size) noexcept {
+  [[gnu::always_inline]] inline void deliver(const char* data, std::size_t size) noexcept {
     if (input_.empty()) {
       call_on_data(data, size, false);
       return;
