@@ -5,10 +5,10 @@
 //   bench_baseline_echo [--host ADDR] [--port N]
 //
 // Level-triggered. Each connection reads once per EPOLLIN event into one shared 64 KiB buffer and
-// writes the bytes straight back; only what the kernel does not take is copied into a per-connection
-// heap block, and then the connection waits for EPOLLOUT (and stops reading) until that is written.
-// Connection state lives in an array indexed by fd: 16 bytes per connection. Prints
-// "listening on HOST:PORT" when ready; exits 0 on SIGINT or SIGTERM.
+// writes the bytes straight back; only what the kernel does not take is copied into a
+// per-connection heap block, and then the connection waits for EPOLLOUT (and stops reading) until
+// that is written. Connection state lives in an array indexed by fd: 16 bytes per connection.
+// Prints "listening on HOST:PORT" when ready; exits 0 on SIGINT or SIGTERM.
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -26,9 +26,9 @@
 
 namespace {
 
-constexpr int kMaxEvents = 4096;          // as reactor's ReactorOptions::max_events
+constexpr int kMaxEvents = 4096;            // as reactor's ReactorOptions::max_events
 constexpr std::size_t kReadBuffer = 65536;  // as reactor's ReactorOptions::read_buffer_size
-constexpr int kAcceptBudget = 64;         // as reactor's ListenOptions::accept_budget
+constexpr int kAcceptBudget = 64;           // as reactor's ListenOptions::accept_budget
 
 // The unwritten rest of an echo, if any.
 struct Conn {
@@ -38,7 +38,9 @@ struct Conn {
 };
 
 volatile sig_atomic_t stop = 0;
-void on_signal(int) { stop = 1; }
+void on_signal(int) {
+  stop = 1;
+}
 
 int epfd = -1;
 Conn* conns = nullptr;
@@ -146,7 +148,7 @@ int main(int argc, char** argv) {
   const std::size_t max_fds = limit.rlim_cur > (1u << 20) ? (1u << 20) : limit.rlim_cur;
   conns = static_cast<Conn*>(std::calloc(max_fds, sizeof(Conn)));  // pages touched as fds are used
 
-  struct sigaction action{};
+  struct sigaction action {};
   action.sa_handler = on_signal;
   sigaction(SIGINT, &action, nullptr);
   sigaction(SIGTERM, &action, nullptr);

@@ -140,7 +140,8 @@ void print_summary(std::uint64_t messages, double seconds, std::size_t bytes_per
 // Prints "[  Ns] R msg/s" once a second while a run goes on.
 class Progress {
  public:
-  explicit Progress(Clock::time_point start) : last_(start), next_(start + std::chrono::seconds(1)) {}
+  explicit Progress(Clock::time_point start)
+      : last_(start), next_(start + std::chrono::seconds(1)) {}
 
   void tick(std::uint64_t total) {
     const Clock::time_point now = Clock::now();
@@ -216,7 +217,8 @@ int run_pingpong(const Options& options) {
   std::vector<epoll_event> events(1024);
   Progress progress(start);
   while (active > 0) {
-    const int n = epoll_wait(epfd, events.data(), static_cast<int>(events.size()), progress.wait_ms());
+    const int n =
+        epoll_wait(epfd, events.data(), static_cast<int>(events.size()), progress.wait_ms());
     if (n < 0 && errno != EINTR) die("epoll_wait");
     for (int e = 0; e < n; ++e) {
       const auto i = static_cast<std::size_t>(events[static_cast<std::size_t>(e)].data.u64);
@@ -323,14 +325,15 @@ int run_accept(const Options& options) {
   };
 
   const Clock::time_point start = Clock::now();
-  const Clock::time_point end =
-      start + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(options.seconds));
+  const Clock::time_point end = start + std::chrono::duration_cast<Clock::duration>(
+                                            std::chrono::duration<double>(options.seconds));
   for (std::size_t i = 0; i < slots.size(); ++i) open_slot(i);
   std::vector<epoll_event> events(slots.size());
   Progress progress(start);
   std::size_t open = slots.size();
   while (open > 0) {
-    const int n = epoll_wait(epfd, events.data(), static_cast<int>(events.size()), progress.wait_ms());
+    const int n =
+        epoll_wait(epfd, events.data(), static_cast<int>(events.size()), progress.wait_ms());
     if (n < 0 && errno != EINTR) die("epoll_wait");
     for (int e = 0; e < n; ++e) {
       const auto i = static_cast<std::size_t>(events[static_cast<std::size_t>(e)].data.u64);

@@ -66,8 +66,8 @@ TEST_CASE("an IPv6 acceptor listens on [::1]", "[acceptor][ipv6]") {
 }
 
 TEST_CASE("a Unix socket acceptor serves a path and removes it when closed", "[acceptor][unix]") {
-  const auto directory = std::filesystem::temp_directory_path() /
-                         ("reactor-test-" + std::to_string(::getpid()));
+  const auto directory =
+      std::filesystem::temp_directory_path() / ("reactor-test-" + std::to_string(::getpid()));
   std::filesystem::create_directories(directory);
   const std::string path = (directory / "echo.sock").string();
   Loop loop;

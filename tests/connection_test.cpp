@@ -242,9 +242,7 @@ namespace {
 struct Blast {
   Record* record;
   std::size_t size;
-  void on_open(auto& connection) {
-    record->opens = connection.send(test::pattern(size)) ? 1 : 0;
-  }
+  void on_open(auto& connection) { record->opens = connection.send(test::pattern(size)) ? 1 : 0; }
   void on_data(auto& /*connection*/, std::string_view /*bytes*/) {}
   void on_close(auto& /*connection*/, std::error_code reason) {
     ++record->closes;
@@ -539,9 +537,8 @@ TEST_CASE("an idle connection costs at most 256 bytes beyond its handler", "[con
   // malloc adds 8 bytes of header and rounds to 16 (glibc): count the worst case.
   constexpr std::size_t kMallocOverhead = 16;
   STATIC_REQUIRE(sizeof(reactor::Connection<Empty>) + kMallocOverhead <= 256);
-  STATIC_REQUIRE(sizeof(reactor::Connection<Empty, Loop<reactor::EdgeTriggered>>) +
-                     kMallocOverhead <=
-                 256);
+  STATIC_REQUIRE(
+      sizeof(reactor::Connection<Empty, Loop<reactor::EdgeTriggered>>) + kMallocOverhead <= 256);
   Loop<reactor::LevelTriggered> loop;
   auto [mine, theirs] = test::socket_pair();
   auto& connection = reactor::adopt(loop, std::move(mine), Empty{});

@@ -74,8 +74,7 @@ struct Recorder {
     check_open(connection);
     record->received.append(bytes);
     if (action) std::exchange(action, nullptr)();
-    if (echo)
-      connection.send(bytes);
+    if (echo) connection.send(bytes);
   }
   template <class C>
   void on_close(C& connection, std::error_code reason) {
@@ -121,8 +120,7 @@ test::Peer connect_client(const Acceptor& acceptor, std::string to_send) {
 template <class Loop>
 void run_for(Loop& loop, std::chrono::milliseconds window) {
   const auto end = std::chrono::steady_clock::now() + window;
-  while (std::chrono::steady_clock::now() < end)
-    loop.run_once(50ms);
+  while (std::chrono::steady_clock::now() < end) loop.run_once(50ms);
 }
 
 // Drives the loop and `peer` until the peer has received `size` bytes; then a few more rounds,
@@ -316,8 +314,7 @@ void check_bytes_left_in_socket_are_delivered(const test::Outcome& first_read) {
   outcome.fd = connection->native_handle();
   script.next(Call::kRead, outcome);
   std::string request;
-  for (int i = 0; i < 20; ++i)
-    request += "request-" + std::to_string(i) + ';';
+  for (int i = 0; i < 20; ++i) request += "request-" + std::to_string(i) + ';';
   peer.to_send = request;
   peer.step();
   REQUIRE(peer.all_sent());
@@ -425,8 +422,7 @@ TEST_CASE("a real EMFILE from a lowered RLIMIT_NOFILE backs off without spinning
   reactor::Acceptor<Recorder> acceptor(loop, loopback(), Recorder{&record, true});
   std::vector<test::Peer> clients;
   clients.reserve(3);
-  for (int i = 0; i < 3; ++i)
-    clients.push_back(connect_client(acceptor, "ping"));
+  for (int i = 0; i < 3; ++i) clients.push_back(connect_client(acceptor, "ping"));
 
   // No Catch2 assertion while the process is out of fds: under UBSan, the first check of a type
   // (-fsanitize=vptr) probes memory through a pipe, and fails falsely without fds to make one.
@@ -1189,12 +1185,10 @@ void install_random_faults(FaultScript& script, const std::set<int>& fds) {
                                        {fail(ECONNRESET), 1}};
   // Edge mode: an EAGAIN after bytes were read means drained (syscalls.hpp), so none is injected.
   reads.push_back({fail(EAGAIN), Trigger::kEdge ? 0u : 60u});
-  const std::vector<test::Weighted> writes = {{test::pass(), 600},
-                                              {fail(EINTR), 60},
-                                              {fail(EAGAIN), 60},
-                                              {test::at_most_random(8192), 300},
-                                              {fail(EPIPE), 1},
-                                              {fail(ECONNRESET), 1}};
+  const std::vector<test::Weighted> writes = {
+      {test::pass(), 600}, {fail(EINTR), 60},
+      {fail(EAGAIN), 60},  {test::at_most_random(8192), 300},
+      {fail(EPIPE), 1},    {fail(ECONNRESET), 1}};
   script.random(Call::kRead, reads, ours);
   script.random(Call::kSend, writes, ours);
   script.random(Call::kSendmsg, writes, ours);

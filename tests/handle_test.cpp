@@ -145,7 +145,8 @@ TEST_CASE("four threads send and close through handles while peers reset connect
                                               Published{&mutex, &handles});
   constexpr int kConnections = 100;
   std::vector<reactor::UniqueFd> peers;
-  for (int i = 0; i < kConnections; ++i) peers.push_back(reactor::connect(acceptor.local_endpoint()));
+  for (int i = 0; i < kConnections; ++i)
+    peers.push_back(reactor::connect(acceptor.local_endpoint()));
   REQUIRE(test::run_until(loop, [&] {
     const std::lock_guard lock(mutex);
     return handles.size() == kConnections;
@@ -192,7 +193,8 @@ TEST_CASE("four threads send and close through handles while peers reset connect
       received.append(buffer, static_cast<std::size_t>(n));
     }
     REQUIRE(received.size() % 9 == 0);
-    for (std::size_t k = 0; k < received.size(); k += 9) REQUIRE(received.compare(k, 9, "token:42;") == 0);
+    for (std::size_t k = 0; k < received.size(); k += 9)
+      REQUIRE(received.compare(k, 9, "token:42;") == 0);
     tokens += received.size() / 9;
     peer.reset();  // the server lingers for our EOF before it closes
   }

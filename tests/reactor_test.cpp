@@ -160,9 +160,8 @@ TEST_CASE("a signal arrives as an event through signalfd, and the mask is restor
   Loop loop;
   std::vector<int> received;
   {
-    reactor::SignalSet signals(loop, {SIGUSR1, SIGUSR2}, [&](int signal) {
-      received.push_back(signal);
-    });
+    reactor::SignalSet signals(loop, {SIGUSR1, SIGUSR2},
+                               [&](int signal) { received.push_back(signal); });
     sigset_t current;
     ::pthread_sigmask(SIG_BLOCK, nullptr, &current);
     CHECK(sigismember(&current, SIGUSR1) == 1);

@@ -748,7 +748,7 @@ class Connection final : private detail::OwnedWatcher {
   bool short_read_drains_ = false;  // edge mode: a short read means the socket is empty (TCP)
   bool lingering_ = false;
   bool in_on_data_ = false;  // FIN sent after close(): draining input until the peer's EOF  // edge
-                            // mode: EPOLLRDHUP/EPOLLHUP seen, read on to the EOF
+                             // mode: EPOLLRDHUP/EPOLLHUP seen, read on to the EOF
   std::error_code reason_;
   [[no_unique_address]] Handler handler_;
 };

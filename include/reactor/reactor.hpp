@@ -282,11 +282,11 @@ class Reactor {
   // Kinds of deferred work, one bit each in deferred_, so that an iteration with none of it costs
   // one test after the dispatch.
   enum Deferred : std::uint8_t {
-    kReadyWork = 1,     // connections on the ready list
-    kClosedWork = 2,    // connections awaiting on_close
-    kTimerWork = 4,     // timers pending
-    kPostedWork = 8,    // the wakeup eventfd fired: posted work may be queued
-    kFdWaiterWork = 16, // acceptors waiting for fds
+    kReadyWork = 1,      // connections on the ready list
+    kClosedWork = 2,     // connections awaiting on_close
+    kTimerWork = 4,      // timers pending
+    kPostedWork = 8,     // the wakeup eventfd fired: posted work may be queued
+    kFdWaiterWork = 16,  // acceptors waiting for fds
   };
 
   // One iteration: wait (timeout_ms < 0: forever), dispatch, run deferred work. Returns 0 or the
@@ -388,8 +388,8 @@ class Reactor {
   int wait_timeout(int timeout_ms) noexcept {
     if ((deferred_ & (kReadyWork | kClosedWork)) != 0 || stop_requested()) return 0;
     if (fd_waiters_.empty()) return timeout_ms;
-    auto ms = timeout_ms < 0 ? std::chrono::milliseconds::max()
-                             : std::chrono::milliseconds(timeout_ms);
+    auto ms =
+        timeout_ms < 0 ? std::chrono::milliseconds::max() : std::chrono::milliseconds(timeout_ms);
     {
       auto due = Clock::time_point::max();
       fd_waiters_.for_each([&](const detail::FdWaiter& w) { due = std::min(due, w.due); });
@@ -611,7 +611,7 @@ class Reactor {
   std::atomic<bool> stop_requested_{false};
   std::atomic<bool> wakeup_pending_{false};
   std::vector<epoll_event> events_;
-  int batch_capacity_ = 0;  // events_.size(), kept as an int: epoll_wait's type, and no division
+  int batch_capacity_ = 0;     // events_.size(), kept as an int: epoll_wait's type, and no division
   std::uint8_t deferred_ = 0;  // Deferred bits
   int batch_index_ = -1;
   int batch_size_ = 0;

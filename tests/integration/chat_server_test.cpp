@@ -64,18 +64,15 @@ class ChatClient {
   std::optional<std::string> read_line(Clock::duration limit = kLimit) {
     const auto deadline = Clock::now() + limit;
     for (;;) {
-      if (std::optional<std::string> line = take_line())
-        return line;
-      if (!read_some(deadline))
-        return std::nullopt;
+      if (std::optional<std::string> line = take_line()) return line;
+      if (!read_some(deadline)) return std::nullopt;
     }
   }
 
   // A complete line already read, with its '\n', without waiting; nullopt if there is none.
   std::optional<std::string> take_line() {
     const auto newline = buffered_.find('\n');
-    if (newline == std::string::npos)
-      return std::nullopt;
+    if (newline == std::string::npos) return std::nullopt;
     std::string line = buffered_.substr(0, newline + 1);
     buffered_.erase(0, newline + 1);
     return line;
@@ -87,8 +84,7 @@ class ChatClient {
   // Whether not a single byte arrives (nor EOF, nor an error) for `quiet`: there is no event to
   // wait for when the point is that nothing happens, so this waits out the whole interval.
   bool nothing_arrives_within(Clock::duration quiet) {
-    if (!buffered_.empty())
-      return false;
+    if (!buffered_.empty()) return false;
     return poll_one(socket_.get(), POLLIN, Clock::now() + quiet) == 0;
   }
 
@@ -99,10 +95,8 @@ class ChatClient {
     const auto deadline = Clock::now() + limit;
     while (read_some(deadline)) {
     }
-    if (eof_)
-      return 0;
-    if (error_ != 0)
-      return error_;
+    if (eof_) return 0;
+    if (error_ != 0) return error_;
     return std::nullopt;
   }
 
@@ -116,8 +110,7 @@ class ChatClient {
   // Reads what the socket has, waiting until `deadline` for something; false on EOF, error or
   // timeout.
   bool read_some(Clock::time_point deadline) {
-    if (eof_ || error_ != 0)
-      return false;
+    if (eof_ || error_ != 0) return false;
     for (;;) {
       char buffer[65536];
       const ssize_t n = ::read(socket_.get(), buffer, sizeof buffer);
@@ -129,14 +122,12 @@ class ChatClient {
         eof_ = true;
         return false;
       }
-      if (errno == EINTR)
-        continue;
+      if (errno == EINTR) continue;
       if (errno != EAGAIN) {
         error_ = errno;
         return false;
       }
-      if (poll_one(socket_.get(), POLLIN, deadline) == 0)
-        return false;
+      if (poll_one(socket_.get(), POLLIN, deadline) == 0) return false;
     }
   }
 
@@ -154,8 +145,7 @@ std::string tag(int number) {
 // "* #N left (reason)\n".
 bool is_left_notice(std::string_view line, int number) {
   const std::string head = "* " + tag(number) + " left";
-  if (line.rfind(head, 0) != 0)
-    return false;
+  if (line.rfind(head, 0) != 0) return false;
   const std::string_view rest = line.substr(head.size());
   return rest == "\n" ||
          (rest.size() > 4 && rest.substr(0, 2) == " (" && rest.substr(rest.size() - 2) == ")\n");
@@ -314,8 +304,7 @@ TEST_CASE("chat_server drops a client that stops reading and keeps its memory bo
   std::size_t rss_peak = rss_start;
   auto next_sample = Clock::now();
   const auto sample_rss = [&] {
-    if (Clock::now() < next_sample)
-      return;
+    if (Clock::now() < next_sample) return;
     rss_peak = std::max(rss_peak, chat.process.resident_bytes());
     next_sample = Clock::now() + 10ms;
   };
@@ -325,13 +314,11 @@ TEST_CASE("chat_server drops a client that stops reading and keeps its memory bo
   // never holds more than 4000 bytes of fast's input (under chat_server's 4096-byte line limit
   // even if a read ends inside a line: see the known-bug test below for what more would do).
   std::string text(999, '\0');
-  for (std::size_t i = 0; i < text.size(); ++i)
-    text[i] = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[i % 26];
+  for (std::size_t i = 0; i < text.size(); ++i) text[i] = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[i % 26];
   text += '\n';
   const std::string delivered = tag(fast.number) + ": " + text;  // what each reader gets
   std::string batch;
-  for (int i = 0; i < 4; ++i)
-    batch += text;
+  for (int i = 0; i < 4; ++i) batch += text;
   REQUIRE(batch.size() < kLongestLine);
   constexpr std::size_t kMaxSent = 256 * kMiB;  // the drop is due after a few MiB
 
@@ -371,8 +358,7 @@ TEST_CASE("chat_server drops a client that stops reading and keeps its memory bo
     pollfd fds[2] = {{fast.fd(), static_cast<short>(POLLIN | (may_send ? POLLOUT : 0)), 0},
                      {observer.fd(), POLLIN, 0}};
     const int n = ::poll(fds, 2, std::min(ms_until(deadline), 10));
-    if (n < 0 && errno != EINTR)
-      break;
+    if (n < 0 && errno != EINTR) break;
     if (may_send && (fds[0].revents & POLLOUT) != 0) {
       const std::size_t offset = sent % batch.size();
       const ssize_t written =
@@ -434,8 +420,7 @@ TEST_CASE("chat_server drops a client that stops reading and keeps its memory bo
   for (std::size_t at = header.size(); at < got.size() && bad_offset == std::string::npos;
        at += delivered.size()) {
     const std::string_view piece = std::string_view(got).substr(at, delivered.size());
-    if (piece != std::string_view(delivered).substr(0, piece.size()))
-      bad_offset = at;
+    if (piece != std::string_view(delivered).substr(0, piece.size())) bad_offset = at;
   }
   CHECK(bad_offset == std::string::npos);
   // It was dropped, so it got less than everyone else.
@@ -491,8 +476,7 @@ TEST_CASE("chat_server delivers complete lines that arrive behind the end of a p
   // The end of that line and 50 short lines in one send: 10 KiB, every line under 200 bytes.
   const std::string line(199, 'x');
   std::string rest = "lo\n";
-  for (int i = 0; i < 50; ++i)
-    rest += line + "\n";
+  for (int i = 0; i < 50; ++i) rest += line + "\n";
   REQUIRE(a.send(rest));
 
   REQUIRE(b.read_line() == tag(a.number) + ": hello\n");

@@ -103,8 +103,7 @@ class FaultScript {
 
   // Queues `outcome` for the next `times` calls of `call` that match its fd.
   FaultScript& next(Call call, Outcome outcome, int times = 1) {
-    for (int i = 0; i < times; ++i)
-      at(call).queue.push_back(outcome);
+    for (int i = 0; i < times; ++i) at(call).queue.push_back(outcome);
     return *this;
   }
   // Applies `outcome` to every matching call of `call` once its queue is used up, until clear().
@@ -163,15 +162,13 @@ class FaultScript {
   // The outcome for one call of `call` on `fd`, counted; pass() without a script.
   static Outcome take(Call call, int fd) noexcept {
     FaultScript* script = active();
-    if (script == nullptr)
-      return pass();
+    if (script == nullptr) return pass();
     PerCall& kind = script->at(call);
     ++kind.calls;
     Outcome outcome = pass();
     const auto matches = [fd](const Outcome& o) { return o.fd < 0 || o.fd == fd; };
     auto it = kind.queue.begin();
-    while (it != kind.queue.end() && !matches(*it))
-      ++it;
+    while (it != kind.queue.end() && !matches(*it)) ++it;
     if (it != kind.queue.end()) {
       outcome = *it;
       kind.queue.erase(it);
@@ -189,8 +186,7 @@ class FaultScript {
       outcome.limit = std::uniform_int_distribution<std::size_t>(1, outcome.limit)(script->random_);
       outcome.kind = Outcome::Kind::kCap;
     }
-    if (outcome.kind != Outcome::Kind::kPass)
-      ++kind.faults;
+    if (outcome.kind != Outcome::Kind::kPass) ++kind.faults;
     return outcome;
   }
 
@@ -252,10 +248,8 @@ struct FaultSyscalls : reactor::LinuxSyscalls {
 
   static int epoll_wait(int epfd, epoll_event* events, int max_events, int timeout_ms) noexcept {
     const Outcome o = FaultScript::take(Call::kEpollWait, epfd);
-    if (o.kind == Outcome::Kind::kFail)
-      return failed(o);
-    if (o.kind == Outcome::Kind::kCap)
-      max_events = static_cast<int>(capped(max_events, o));
+    if (o.kind == Outcome::Kind::kFail) return failed(o);
+    if (o.kind == Outcome::Kind::kCap) max_events = static_cast<int>(capped(max_events, o));
     const int n = Base::epoll_wait(epfd, events, max_events, timeout_ms);
     FaultScript::reorder(events, n);
     return n;
@@ -279,18 +273,15 @@ struct FaultSyscalls : reactor::LinuxSyscalls {
   }
   static ssize_t sendmsg(int fd, const msghdr* message, int flags) noexcept {
     const Outcome o = FaultScript::take(Call::kSendmsg, fd);
-    if (o.kind == Outcome::Kind::kFail)
-      return failed(o);
-    if (o.kind == Outcome::Kind::kPass)
-      return Base::sendmsg(fd, message, flags);
+    if (o.kind == Outcome::Kind::kFail) return failed(o);
+    if (o.kind == Outcome::Kind::kPass) return Base::sendmsg(fd, message, flags);
     // Cut the iovec list to `limit` bytes; the caller's message is left untouched.
     iovec vectors[IOV_MAX];
     std::size_t count = 0;
     for (std::size_t left = o.limit; count < message->msg_iovlen && count < IOV_MAX && left > 0;
          ++count) {
       vectors[count] = message->msg_iov[count];
-      if (vectors[count].iov_len > left)
-        vectors[count].iov_len = left;
+      if (vectors[count].iov_len > left) vectors[count].iov_len = left;
       left -= vectors[count].iov_len;
     }
     msghdr cut = *message;
@@ -321,8 +312,7 @@ struct FaultSyscalls : reactor::LinuxSyscalls {
   }
   template <class Size>
   static Size capped(Size size, const Outcome& o) noexcept {
-    if (o.kind != Outcome::Kind::kCap || static_cast<std::size_t>(size) <= o.limit)
-      return size;
+    if (o.kind != Outcome::Kind::kCap || static_cast<std::size_t>(size) <= o.limit) return size;
     return static_cast<Size>(o.limit);
   }
 };

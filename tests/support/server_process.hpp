@@ -59,12 +59,9 @@ inline short poll_one(int fd, short events, Clock::time_point deadline) {
   for (;;) {
     pollfd entry{fd, events, 0};
     const int n = ::poll(&entry, 1, ms_until(deadline));
-    if (n > 0)
-      return entry.revents;
-    if (n == 0)
-      return 0;
-    if (errno != EINTR)
-      return POLLERR;
+    if (n > 0) return entry.revents;
+    if (n == 0) return 0;
+    if (errno != EINTR) return POLLERR;
   }
 }
 
@@ -74,10 +71,8 @@ template <class Condition>
 bool eventually(Condition condition, Clock::duration limit = kLimit) {
   const auto deadline = Clock::now() + limit;
   for (;;) {
-    if (condition())
-      return true;
-    if (Clock::now() >= deadline)
-      return false;
+    if (condition()) return true;
+    if (Clock::now() >= deadline) return false;
     ::poll(nullptr, 0, 10);
   }
 }
@@ -95,29 +90,24 @@ class ServerProcess {
     words.insert(words.end(), args.begin(), args.end());
     std::vector<char*> argv;
     argv.reserve(words.size() + 1);
-    for (auto& word : words)
-      argv.push_back(word.data());
+    for (auto& word : words) argv.push_back(word.data());
     argv.push_back(nullptr);
 
     int pipe_fds[2];
-    if (::pipe2(pipe_fds, O_CLOEXEC) != 0)
-      FAIL("pipe2: " << std::strerror(errno));
+    if (::pipe2(pipe_fds, O_CLOEXEC) != 0) FAIL("pipe2: " << std::strerror(errno));
     reactor::UniqueFd read_end(pipe_fds[0]);
     reactor::UniqueFd write_end(pipe_fds[1]);
 
     const pid_t parent = ::getpid();
     pid_ = ::fork();
-    if (pid_ < 0)
-      FAIL("fork: " << std::strerror(errno));
+    if (pid_ < 0) FAIL("fork: " << std::strerror(errno));
     if (pid_ == 0) {
       // Child: only async-signal-safe calls from here to exec. If the test process dies without
       // running destructors (killed by a ctest timeout, say), the server goes with it.
-      if (::prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || ::getppid() != parent)
-        ::_exit(126);
+      if (::prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || ::getppid() != parent) ::_exit(126);
       if (fd_limit != 0) {
         const rlimit limit{fd_limit, fd_limit};
-        if (::setrlimit(RLIMIT_NOFILE, &limit) != 0)
-          ::_exit(126);
+        if (::setrlimit(RLIMIT_NOFILE, &limit) != 0) ::_exit(126);
       }
       if (write_end.get() == STDOUT_FILENO) {
         ::fcntl(STDOUT_FILENO, F_SETFD, 0);  // dup2 onto itself would keep close-on-exec
@@ -131,8 +121,7 @@ class ServerProcess {
       closed = ::syscall(SYS_close_range, 3u, ~0u, 0u);
 #endif
       if (closed != 0) {
-        for (int fd = 3; fd < 1024; ++fd)
-          ::close(fd);
+        for (int fd = 3; fd < 1024; ++fd) ::close(fd);
       }
       sigset_t none;
       sigemptyset(&none);
@@ -148,8 +137,7 @@ class ServerProcess {
   ServerProcess& operator=(const ServerProcess&) = delete;
 
   ~ServerProcess() {
-    if (pid_ <= 0 || reaped_)
-      return;
+    if (pid_ <= 0 || reaped_) return;
     ::kill(pid_, SIGKILL);
     while (::waitpid(pid_, nullptr, 0) < 0 && errno == EINTR) {
     }
@@ -173,8 +161,7 @@ class ServerProcess {
         output_.erase(0, newline + 1);
         return line;
       }
-      if (!read_some(deadline))
-        return std::nullopt;
+      if (!read_some(deadline)) return std::nullopt;
     }
   }
 
@@ -184,8 +171,7 @@ class ServerProcess {
     const auto deadline = Clock::now() + limit;
     while (read_some(deadline)) {
     }
-    if (!stdout_eof_)
-      return std::nullopt;
+    if (!stdout_eof_) return std::nullopt;
     return std::exchange(output_, {});
   }
 
@@ -204,10 +190,8 @@ class ServerProcess {
         reaped_ = true;
         return status;
       }
-      if (result < 0 && errno != EINTR)
-        return std::nullopt;
-      if (Clock::now() >= deadline)
-        return std::nullopt;
+      if (result < 0 && errno != EINTR) return std::nullopt;
+      if (Clock::now() >= deadline) return std::nullopt;
       if (pidfd) {
         poll_one(pidfd.get(), POLLIN, std::min(deadline, Clock::now() + 100ms));
       } else {
@@ -227,10 +211,8 @@ class ServerProcess {
     unsigned long long utime = 0;
     unsigned long long stime = 0;
     for (int number = 3; number <= 15 && (fields >> field); ++number) {
-      if (number == 14)
-        utime = std::stoull(field);
-      if (number == 15)
-        stime = std::stoull(field);
+      if (number == 14) utime = std::stoull(field);
+      if (number == 15) stime = std::stoull(field);
     }
     return std::chrono::duration<double>(static_cast<double>(utime + stime) /
                                          static_cast<double>(::sysconf(_SC_CLK_TCK)));
@@ -241,8 +223,7 @@ class ServerProcess {
     std::ifstream file("/proc/" + std::to_string(pid_) + "/status");
     std::string line;
     while (std::getline(file, line)) {
-      if (line.rfind("VmRSS:", 0) == 0)
-        return std::stoull(line.substr(6)) * 1024;
+      if (line.rfind("VmRSS:", 0) == 0) return std::stoull(line.substr(6)) * 1024;
     }
     return 0;
   }
@@ -261,8 +242,7 @@ class ServerProcess {
  private:
   // Reads what stdout has, waiting until `deadline` for something; false on EOF or timeout.
   bool read_some(Clock::time_point deadline) {
-    if (stdout_eof_)
-      return false;
+    if (stdout_eof_) return false;
     for (;;) {
       char buffer[4096];
       const ssize_t n = ::read(stdout_.get(), buffer, sizeof buffer);
@@ -274,12 +254,9 @@ class ServerProcess {
         stdout_eof_ = true;
         return false;
       }
-      if (errno == EINTR)
-        continue;
-      if (errno != EAGAIN)
-        return false;
-      if (poll_one(stdout_.get(), POLLIN, deadline) == 0)
-        return false;
+      if (errno == EINTR) continue;
+      if (errno != EAGAIN) return false;
+      if (poll_one(stdout_.get(), POLLIN, deadline) == 0) return false;
     }
   }
 
@@ -306,12 +283,10 @@ inline reactor::Endpoint listening_endpoint(ServerProcess& server,
 
 // A TCP port as printed: digits only, 1..65535; 0 when malformed.
 inline unsigned parse_port(std::string_view text) {
-  if (text.empty() || text.size() > 5)
-    return 0;
+  if (text.empty() || text.size() > 5) return 0;
   unsigned port = 0;
   for (const char c : text) {
-    if (c < '0' || c > '9')
-      return 0;
+    if (c < '0' || c > '9') return 0;
     port = port * 10 + static_cast<unsigned>(c - '0');
   }
   return port <= 65535 ? port : 0;
@@ -333,8 +308,7 @@ class TempDir {
   explicit TempDir(std::string_view prefix = "reactor_test") {
     std::string templ =
         (std::filesystem::temp_directory_path() / (std::string(prefix) + ".XXXXXX")).string();
-    if (::mkdtemp(templ.data()) == nullptr)
-      FAIL("mkdtemp: " << std::strerror(errno));
+    if (::mkdtemp(templ.data()) == nullptr) FAIL("mkdtemp: " << std::strerror(errno));
     path_ = templ;
   }
   TempDir(const TempDir&) = delete;
@@ -390,8 +364,7 @@ inline Exchange exchange(int fd, std::string_view data, const ExchangeOptions& o
       }
       shut = true;
     }
-    if (result.eof || (result.received.size() >= data.size() && !options.until_eof))
-      break;
+    if (result.eof || (result.received.size() >= data.size() && !options.until_eof)) break;
     const short events = result.sent < data.size() ? POLLIN | POLLOUT : POLLIN;
     const short revents = poll_one(fd, events, deadline);
     if (revents == 0) {
@@ -429,8 +402,7 @@ inline Exchange exchange(int fd, std::string_view data, const ExchangeOptions& o
 inline std::size_t first_difference(std::string_view a, std::string_view b) {
   const std::size_t common = std::min(a.size(), b.size());
   for (std::size_t i = 0; i < common; ++i) {
-    if (a[i] != b[i])
-      return i;
+    if (a[i] != b[i]) return i;
   }
   return a.size() == b.size() ? std::string_view::npos : common;
 }
@@ -445,12 +417,9 @@ inline std::size_t send_without_reading(int fd, std::string_view data, Clock::du
       sent += static_cast<std::size_t>(n);
       continue;
     }
-    if (n < 0 && errno == EINTR)
-      continue;
-    if (n < 0 && errno != EAGAIN)
-      break;
-    if ((poll_one(fd, POLLOUT, Clock::now() + stall) & POLLOUT) == 0)
-      break;
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && errno != EAGAIN) break;
+    if ((poll_one(fd, POLLOUT, Clock::now() + stall) & POLLOUT) == 0) break;
   }
   return sent;
 }
@@ -481,8 +450,7 @@ inline std::optional<std::pair<unsigned long, unsigned long>> tcp_queues(unsigne
 inline unsigned local_port_of(int fd) {
   sockaddr_storage storage{};
   socklen_t length = sizeof storage;
-  if (::getsockname(fd, reinterpret_cast<sockaddr*>(&storage), &length) != 0)
-    return 0;
+  if (::getsockname(fd, reinterpret_cast<sockaddr*>(&storage), &length) != 0) return 0;
   return reactor::Endpoint::from_sockaddr(reinterpret_cast<sockaddr*>(&storage), length).port();
 }
 
