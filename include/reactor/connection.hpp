@@ -93,8 +93,9 @@ class Connection final : private detail::OwnedWatcher {
   // Sends bytes: written at once when nothing is queued, the rest queued and written as the socket
   // drains. Returns false when the bytes were not accepted: the connection is closed or closing,
   // or this send failed and closed it (on_close reports why: a write error, or
-  // Error::kOutputLimit when pending output would pass max_pending_output). Accepted bytes are
-  // delivered in order unless the connection later fails, which on_close then reports.
+  // Error::kOutputLimit when pending output would pass max_pending_output; part of the bytes may
+  // have been written before that). Accepted bytes are delivered in order unless the connection
+  // later fails, which on_close then reports.
   bool send(const void* data, std::size_t size) noexcept {
     if (fd < 0 || close_requested_ || shutdown_requested_) return false;
     const char* bytes = static_cast<const char*>(data);
