@@ -8,34 +8,8 @@
 #include <new>
 
 #include "catch.hpp"
+#include "heap_counter.hpp"
 #include "loopback.hpp"
-
-// GCC pairs the replaced operator new with free() below and warns of a mismatch that is not one.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
-#endif
-
-namespace {
-
-std::atomic<std::size_t> allocations{0};
-
-}  // namespace
-
-void* operator new(std::size_t size) {
-  allocations.fetch_add(1, std::memory_order_relaxed);
-  if (void* p = std::malloc(size == 0 ? 1 : size)) return p;
-  throw std::bad_alloc();
-}
-void* operator new(std::size_t size, const std::nothrow_t& /*tag*/) noexcept {
-  allocations.fetch_add(1, std::memory_order_relaxed);
-  return std::malloc(size == 0 ? 1 : size);
-}
-void operator delete(void* p) noexcept {
-  std::free(p);
-}
-void operator delete(void* p, std::size_t /*size*/) noexcept {
-  std::free(p);
-}
 
 namespace {
 
@@ -73,12 +47,12 @@ std::size_t allocations_per_round(std::size_t size) {
   for (int i = 0; i < 50; ++i) {  // warm up: the pool fills, the event batch settles
     REQUIRE(round_trip(loop, theirs.get(), message.data(), reply.data(), size));
   }
-  const std::size_t before = allocations.load();
+  const std::size_t before = test::heap_allocations.load();
   constexpr int kRounds = 500;
   for (int i = 0; i < kRounds; ++i) {
     REQUIRE(round_trip(loop, theirs.get(), message.data(), reply.data(), size));
   }
-  return allocations.load() - before;
+  return test::heap_allocations.load() - before;
 }
 
 }  // namespace

@@ -19,39 +19,9 @@
 #include <system_error>
 
 #include "catch.hpp"
+#include "heap_counter.hpp"
 #include "loopback.hpp"
 #include "stress.hpp"
-
-// GCC pairs the replaced operator new with free() below and warns of a mismatch that is not one.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
-#endif
-
-namespace {
-
-std::atomic<std::size_t> live_heap_bytes{0};
-
-}  // namespace
-
-void* operator new(std::size_t size) {
-  void* p = std::malloc(size == 0 ? 1 : size);
-  if (p == nullptr) throw std::bad_alloc();
-  live_heap_bytes.fetch_add(::malloc_usable_size(p), std::memory_order_relaxed);
-  return p;
-}
-void* operator new(std::size_t size, const std::nothrow_t& /*tag*/) noexcept {
-  void* p = std::malloc(size == 0 ? 1 : size);
-  if (p != nullptr) live_heap_bytes.fetch_add(::malloc_usable_size(p), std::memory_order_relaxed);
-  return p;
-}
-void operator delete(void* p) noexcept {
-  if (p == nullptr) return;
-  live_heap_bytes.fetch_sub(::malloc_usable_size(p), std::memory_order_relaxed);
-  std::free(p);
-}
-void operator delete(void* p, std::size_t /*size*/) noexcept {
-  operator delete(p);
-}
 
 namespace {
 
@@ -73,7 +43,7 @@ struct State {
   std::error_code reason;
 
   void sample() {
-    const std::size_t live = live_heap_bytes.load(std::memory_order_relaxed) - heap_offset;
+    const std::size_t live = test::heap_live_bytes.load(std::memory_order_relaxed) - heap_offset;
     peak_heap = std::max(peak_heap, live);
   }
 };
@@ -121,7 +91,7 @@ TEMPLATE_TEST_CASE(
   client.to_send = payload;
   client.reading = false;
   REQUIRE(test::run_until(loop, [&] { return acceptor.accepted_count() == 1; }));
-  const std::size_t baseline = live_heap_bytes.load();
+  const std::size_t baseline = test::heap_live_bytes.load();
   state.peak_heap = baseline;
 
   // Phase 1: the client writes what the kernel takes and reads nothing, until it has made no
