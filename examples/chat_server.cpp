@@ -60,8 +60,13 @@ struct Chatter {
         connection.abort();
         return bytes.size();
       }
-      line.assign("#").append(std::to_string(number)).append(": ");
-      line.append(bytes.substr(consumed, end + 1 - consumed));
+      // Built with += rather than assign("#"): GCC 12 at -O2 reports a false -Wrestrict for the
+      // latter (GCC PR 105329).
+      line.clear();
+      line += '#';
+      line += std::to_string(number);
+      line += ": ";
+      line += bytes.substr(consumed, end + 1 - consumed);
       room->broadcast(self, line);
       consumed = end + 1;
     }

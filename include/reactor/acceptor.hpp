@@ -246,7 +246,7 @@ class Acceptor : private detail::Watcher {
     try {
       Handler handler = prototype_;
       Connection<Handler, R>::open(*loop_, socket, std::move(handler), options_.connection,
-                                   /*exclusive_fd=*/true, !local_.is_unix(), ec);
+                                   !local_.is_unix(), ec);
     } catch (...) {  // copying the prototype threw
       Sys::close(socket);
       ec = make_error_code(Error::kHandlerException);

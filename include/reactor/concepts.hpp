@@ -9,6 +9,8 @@
 #include <cstddef>
 #include <string_view>
 #include <system_error>
+#include <type_traits>
+#include <utility>
 
 namespace reactor {
 
@@ -39,12 +41,17 @@ concept SyscallPolicy = requires(int fd, void* buffer, const void* data, std::si
 
 // A connection handler: the one required hook is
 //   on_data(Connection& c, std::string_view bytes)
-// returning void (every byte consumed) or std::size_t (the bytes consumed; the rest is kept and
-// handed over again, followed by new bytes, on the next call).
+// returning void (every byte consumed) or an integer count of the bytes consumed (the rest is kept
+// and handed over again, followed by new bytes, on the next call; a count past the size means
+// all). bool is refused: `true` would read as "consumed one byte".
 template <class H, class Conn>
 concept ConnectionHandler = requires(H& handler, Conn& connection, std::string_view bytes) {
   handler.on_data(connection, bytes);
 };
+
+template <class R>
+concept OnDataResult = std::is_void_v<R> ||
+    (std::integral<R> && !std::same_as<std::remove_cv_t<R>, bool>);
 
 // Optional hooks, detected by name and signature.
 // on_open(c): the connection is registered; may send or close.
@@ -72,5 +79,79 @@ template <class H, class Conn>
 concept HasOnClose = requires(H& handler, Conn& connection, std::error_code reason) {
   handler.on_close(connection, reason);
 };
+
+// on_shutdown(c): the reactor began a graceful shutdown (Reactor::shutdown). Without this hook
+// the connection is closed once it is quiet; with it, the handler decides when to close (an HTTP
+// server finishes the response in progress, say) and the connection stays until it does or the
+// grace period ends.
+template <class H, class Conn>
+concept HasOnShutdown = requires(H& handler, Conn& connection) {
+  handler.on_shutdown(connection);
+};
+
+namespace detail {
+
+// Converts to any lvalue reference: calling a hook with it finds a member of that name whatever
+// its parameter types, so that a hook with the wrong signature can be told apart from no hook.
+struct AnyArgument {
+  template <class T>
+  operator T&() const noexcept;
+};
+
+// A member called `name` that can be called with 0 to 3 arguments of any type, or whose address
+// can be taken: the handler meant to define that hook.
+#define REACTOR_DETAIL_NAMES_HOOK(name)                   \
+  template <class H>                                      \
+  concept Names_##name = requires(H & h, AnyArgument a) { \
+    h.name();                                             \
+  }                                                       \
+  || requires(H & h, AnyArgument a) {                     \
+    h.name(a);                                            \
+  }                                                       \
+  || requires(H & h, AnyArgument a) {                     \
+    h.name(a, a);                                         \
+  }                                                       \
+  || requires(H & h, AnyArgument a) {                     \
+    h.name(a, a, a);                                      \
+  }                                                       \
+  || requires {                                           \
+    &H::name;                                             \
+  };
+REACTOR_DETAIL_NAMES_HOOK(on_open)
+REACTOR_DETAIL_NAMES_HOOK(on_drain)
+REACTOR_DETAIL_NAMES_HOOK(on_eof)
+REACTOR_DETAIL_NAMES_HOOK(on_close)
+REACTOR_DETAIL_NAMES_HOOK(on_shutdown)
+#undef REACTOR_DETAIL_NAMES_HOOK
+
+}  // namespace detail
+
+// Checked where a Connection<Handler> is instantiated: the required hook is there, returns what
+// it may, and every optional hook the handler names has a signature the library calls (a hook it
+// would silently never call is a compile error naming the hook and the signature it needs).
+template <class H, class Conn>
+constexpr bool check_handler() noexcept {
+  static_assert(ConnectionHandler<H, Conn>,
+                "reactor: handler must define on_data(Connection&, std::string_view) "
+                "returning void or an integer byte count");
+  if constexpr (ConnectionHandler<H, Conn>) {
+    static_assert(OnDataResult<decltype(std::declval<H&>().on_data(
+                      std::declval<Conn&>(), std::declval<std::string_view>()))>,
+                  "reactor: on_data must return void or an integer byte count, not bool "
+                  "(true would mean one byte consumed)");
+  }
+  static_assert(!detail::Names_on_open<H> || HasOnOpen<H, Conn>,
+                "reactor: on_open is never called: it must be on_open(Connection&)");
+  static_assert(!detail::Names_on_drain<H> || HasOnDrain<H, Conn>,
+                "reactor: on_drain is never called: it must be on_drain(Connection&)");
+  static_assert(!detail::Names_on_eof<H> || HasOnEof<H, Conn>,
+                "reactor: on_eof is never called: it must be on_eof(Connection&)");
+  static_assert(!detail::Names_on_close<H> || HasOnClose<H, Conn>,
+                "reactor: on_close is never called: it must be "
+                "on_close(Connection&, std::error_code)");
+  static_assert(!detail::Names_on_shutdown<H> || HasOnShutdown<H, Conn>,
+                "reactor: on_shutdown is never called: it must be on_shutdown(Connection&)");
+  return true;
+}
 
 }  // namespace reactor

@@ -7,6 +7,13 @@
 // callback stays valid until on_close returns, even if the handler closes it (or another
 // connection) meanwhile: freeing is deferred until the current dispatch is over.
 //
+// Lifecycle (docs/design.md, "Connection lifecycle"): one phase, changed only by the members below
+// that name it — open -> (shutdown: flushing, then FIN sent) -> closing (flushing) -> lingering
+// (FIN sent, draining the peer's input) -> closed. The connection's one timer belongs to the phase:
+// the timeout check until closing (and the graceful-shutdown quiet check), the linger deadline
+// while lingering, nothing once closed; its callback looks at the phase, so no path can leave a
+// timer meant for one phase running in another.
+//
 // Threading: every member must be called on the reactor's thread.
 #pragma once
 
@@ -64,6 +71,15 @@ struct ConnectionOptions {
   std::chrono::milliseconds linger_timeout{2000};
 };
 
+// What state() reports: where a connection is in its lifecycle.
+enum class ConnectionState : std::uint8_t {
+  kOpen,          // reading and writing (the peer may have half-closed: see on_eof)
+  kShuttingDown,  // shutdown() was called: output flushes, then FIN; reading goes on
+  kClosing,       // close() was called: input is dropped, output flushes, then the socket closes
+                  // (after lingering for the peer's FIN, see ConnectionOptions::linger_timeout)
+  kClosed,        // the socket is closed; on_close runs after the current dispatch
+};
+
 template <class Handler, class R = Reactor<>>
 class Connection final : private detail::OwnedWatcher {
   using Sys = typename R::syscalls;
@@ -87,8 +103,24 @@ class Connection final : private detail::OwnedWatcher {
   int native_handle() const noexcept { return fd; }
 
   // True until the socket is closed (close() with output still pending keeps it open until the
-  // output is flushed).
+  // output is flushed); state() tells an open connection from a closing one.
   bool is_open() const noexcept { return fd >= 0; }
+
+  ConnectionState state() const noexcept {
+    switch (phase_) {
+      case Phase::kOpen:
+        return ConnectionState::kOpen;
+      case Phase::kShutdown:
+      case Phase::kFinSent:
+        return ConnectionState::kShuttingDown;
+      case Phase::kClosing:
+      case Phase::kLingering:
+        return ConnectionState::kClosing;
+      case Phase::kClosed:
+        break;
+    }
+    return ConnectionState::kClosed;
+  }
 
   // Sends bytes: written at once when nothing is queued, the rest queued and written as the socket
   // drains. Returns false when the bytes were not accepted: the connection is closed or closing,
@@ -97,7 +129,7 @@ class Connection final : private detail::OwnedWatcher {
   // have been written before that). Accepted bytes are delivered in order unless the connection
   // later fails, which on_close then reports.
   bool send(const void* data, std::size_t size) noexcept {
-    if (fd < 0 || close_requested_ || shutdown_requested_) return false;
+    if (phase_ != Phase::kOpen) return false;
     const char* bytes = static_cast<const char*>(data);
     if (output_.empty()) {
       while (size > 0) {
@@ -127,7 +159,7 @@ class Connection final : private detail::OwnedWatcher {
       fail(std::make_error_code(std::errc::not_enough_memory));
       return false;
     }
-    if (!backpressure_ && output_.size() >= high_water_) backpressure_ = true;
+    if (output_.size() >= high_water_) flags_ |= kBackpressure;
     update_interest();
     return fd >= 0;  // arming EPOLLOUT can fail (ENOMEM), which closes the connection
   }
@@ -149,20 +181,22 @@ class Connection final : private detail::OwnedWatcher {
   // Flushes pending output, then sends FIN (half-close); reading goes on. Once the peer's EOF has
   // also arrived, the connection closes.
   void shutdown() noexcept {
-    if (fd < 0 || shutdown_requested_ || close_requested_) return;
-    shutdown_requested_ = true;
+    if (phase_ != Phase::kOpen) return;
+    phase_ = Phase::kShutdown;
     if (output_.empty()) send_fin();
   }
 
   // Stops delivering input, flushes pending output, then closes (lingering for the peer's EOF
   // first, see ConnectionOptions::linger_timeout). on_close gets an empty reason; it runs after the
-  // current dispatch, once the socket is closed.
+  // current dispatch, once the socket is closed. Called from on_data, it drops the rest of the
+  // input: what on_data returns is then ignored.
   void close() noexcept {
-    if (fd < 0 || close_requested_) return;
-    close_requested_ = true;
+    if (phase_ >= Phase::kClosing) return;
+    const bool fin_sent = phase_ == Phase::kFinSent;
+    phase_ = Phase::kClosing;
     drop_input();
     if (output_.empty()) {
-      finish_close();
+      finish_close(fin_sent);
     } else {
       update_interest();
     }
@@ -174,14 +208,14 @@ class Connection final : private detail::OwnedWatcher {
 
   // Stops reading until resume_reading(); independent of the automatic backpressure pause.
   void pause_reading() noexcept {
-    user_paused_ = true;
+    flags_ |= kUserPaused;
     update_interest();
   }
 
   // Resumes reading; bytes left unconsumed are handed to on_data again (with any new ones).
   void resume_reading() noexcept {
-    if (!user_paused_) return;
-    user_paused_ = false;
+    if ((flags_ & kUserPaused) == 0) return;
+    flags_ &= ~kUserPaused;
     reading_resumed();
   }
 
@@ -196,20 +230,17 @@ class Connection final : private detail::OwnedWatcher {
   Endpoint remote_endpoint() const noexcept { return address(&Sys::getpeername); }
 
   // Registers `fd` (connected, non-blocking, owned from now on) with `loop` and calls on_open.
-  // Returns nullptr with `ec` set when the connection cannot be created (the fd is closed then).
-  // The pointer is valid until on_close returns. exclusive_fd: the library created the fd and
-  // nobody else holds a dup of it, so closing it needs no EPOLL_CTL_DEL.
-  // tcp: the socket is TCP (not AF_UNIX), which decides how edge mode treats a short read.
+  // Returns nullptr with `ec` set when the connection cannot be created (the fd is closed then,
+  // and no hook has run). The pointer is valid until on_close returns, and on_close runs only
+  // after on_open. tcp: the socket is TCP (not AF_UNIX), which decides how edge mode treats a
+  // short read. During a graceful shutdown the new connection is served out like the others.
   static Connection* open(R& loop, int fd, Handler&& handler, const ConnectionOptions& options,
-                          bool exclusive_fd, bool tcp, std::error_code& ec) noexcept {
-    static_assert(ConnectionHandler<Handler, Connection>,
-                  "reactor: handler must define on_data(Connection&, std::string_view) "
-                  "returning void or std::size_t");
+                          bool tcp, std::error_code& ec) noexcept {
+    static_assert(check_handler<Handler, Connection>());
     ec.clear();
     Connection* connection = nullptr;
     try {
-      connection = new Connection(loop, fd, std::move(handler), options, exclusive_fd);
-      connection->short_read_drains_ = tcp;
+      connection = new Connection(loop, fd, std::move(handler), options);
     } catch (const std::bad_alloc&) {
       ec = std::make_error_code(std::errc::not_enough_memory);
     } catch (...) {
@@ -219,25 +250,47 @@ class Connection final : private detail::OwnedWatcher {
       Sys::close(fd);
       return nullptr;
     }
+    if (tcp) connection->flags_ |= kShortReadDrains;
     const std::uint32_t events =
         kEdge ? EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET | (tcp ? EPOLLPRI : 0u)
               : EPOLLIN | EPOLLRDHUP;
-    if ((ec = loop.add(*connection, events))) {
-      Sys::close(std::exchange(connection->fd, -1));
-      delete connection;
+    if ((ec = loop.add(*connection, events)) || (ec = connection->arm_timeouts(Clock::now()))) {
+      connection->discard();
       return nullptr;
     }
     loop.link_connection(*connection);
-    if (!connection->arm_timeouts(Clock::now())) return connection;
     if constexpr (HasOnOpen<Handler, Connection>) {
       connection->guarded([connection] { connection->handler_.on_open(*connection); });
     }
+    if (loop.draining()) connection->begin_drain();
     return connection;
   }
 
  private:
-  Connection(R& loop, int socket, Handler&& handler, const ConnectionOptions& options,
-             bool exclusive_fd)
+  // The lifecycle; the order matters: reading is possible up to kFinSent, sending only in kOpen.
+  enum class Phase : std::uint8_t {
+    kOpen,       // timer: the timeout check (if any timeout is set, or during a graceful stop)
+    kShutdown,   // shutdown() called, output still flushing; timer: the timeout check
+    kFinSent,    // shutdown()'s FIN is out; reading until the peer's EOF; timer: the timeout check
+    kClosing,    // close() called, output flushing, input dropped; timer: the timeout check
+    kLingering,  // close() flushed and sent FIN; discarding input until the peer's EOF; timer: the
+                 // linger deadline
+    kClosed,     // socket closed, on_close pending; no timer
+  };
+
+  // Independent facts, one bit each in flags_.
+  enum Flag : std::uint16_t {
+    kUserPaused = 1 << 0,       // pause_reading()
+    kBackpressure = 1 << 1,     // paused because output reached high_water_
+    kEof = 1 << 2,              // the peer's EOF was read
+    kRedeliverInput = 1 << 3,   // kept input goes to on_data again without new bytes
+    kPeerClosing = 1 << 4,      // edge mode: EPOLLRDHUP/EPOLLHUP seen, read on to the EOF
+    kShortReadDrains = 1 << 5,  // edge mode: a short read means the socket is empty (TCP)
+    kInOnData = 1 << 6,         // on_data is running: the bytes it was given must stay alive
+    kDraining = 1 << 7,         // a graceful shutdown is serving this connection out
+  };
+
+  Connection(R& loop, int socket, Handler&& handler, const ConnectionOptions& options)
       : OwnedWatcher(&on_watcher_op),
         loop_(&loop),
         high_water_(clamp32(options.high_water)),
@@ -248,7 +301,6 @@ class Connection final : private detail::OwnedWatcher {
         read_timeout_ms_(milliseconds32(options.read_timeout)),
         write_timeout_ms_(milliseconds32(options.write_timeout)),
         linger_timeout_ms_(milliseconds32(options.linger_timeout)),
-        exclusive_fd_(exclusive_fd),
         handler_(std::move(handler)) {
     fd = socket;
     if (high_water_ == 0) high_water_ = 1;
@@ -279,7 +331,10 @@ class Connection final : private detail::OwnedWatcher {
         self.close();
         break;
       case detail::WatcherOp::kAbort:
-        self.close_now(std::make_error_code(std::errc::operation_canceled));
+        // A lingering connection has delivered everything and sent its FIN: closing it is orderly.
+        self.close_now(self.phase_ == Phase::kLingering
+                           ? std::error_code()
+                           : std::make_error_code(std::errc::operation_canceled));
         break;
       case detail::WatcherOp::kFinalize:
         self.finalize();
@@ -289,14 +344,14 @@ class Connection final : private detail::OwnedWatcher {
         request.accepted = self.send(request.bytes);
         break;
       }
-      case detail::WatcherOp::kTimeout:
-        self.check_timeouts();
+      case detail::WatcherOp::kDrain:
+        self.begin_drain();
         break;
     }
   }
 
   bool reading_enabled() const noexcept {
-    return fd >= 0 && !eof_ && !close_requested_ && !user_paused_ && !backpressure_;
+    return phase_ <= Phase::kFinSent && (flags_ & (kEof | kUserPaused | kBackpressure)) == 0;
   }
 
   void handle_events(std::uint32_t events) noexcept {
@@ -311,12 +366,12 @@ class Connection final : private detail::OwnedWatcher {
     if constexpr (kEdge) {
       // The FIN may already be queued behind the data this wakeup reports, and will raise no
       // further edge: remember it, so reads go on to the EOF instead of stopping at a short read.
-      if ((events & (EPOLLRDHUP | EPOLLHUP)) != 0) peer_closing_ = true;
+      if ((events & (EPOLLRDHUP | EPOLLHUP)) != 0) flags_ |= kPeerClosing;
       // TCP urgent data: a read stops short at the urgent mark with more bytes behind it
       // (tcp_recvmsg), so from now on this connection reads until EAGAIN.
-      if ((events & EPOLLPRI) != 0) short_read_drains_ = false;
+      if ((events & EPOLLPRI) != 0) flags_ &= ~kShortReadDrains;
     }
-    if (lingering_) {
+    if (phase_ == Phase::kLingering) {
       discard_input();
       return;
     }
@@ -355,7 +410,10 @@ class Connection final : private detail::OwnedWatcher {
         last_read_ = loop_->cached_now();
         deliver(buffer, static_cast<std::size_t>(n));
         if (!kEdge) return;
-        if (static_cast<std::size_t>(n) < capacity && short_read_drains_ && !peer_closing_) return;
+        if (static_cast<std::size_t>(n) < capacity &&
+            (flags_ & (kShortReadDrains | kPeerClosing)) == kShortReadDrains) {
+          return;
+        }
         if (--budget == 0) {
           if (reading_enabled()) loop_->schedule_ready(*this);
           return;
@@ -381,12 +439,14 @@ class Connection final : private detail::OwnedWatcher {
 
   // Run from the ready list: after a read budget ran out (edge mode) or after reading resumed.
   void handle_resume() noexcept {
-    if (lingering_) {
+    if (phase_ == Phase::kLingering) {
       discard_input();
       return;
     }
     if (!reading_enabled()) return;
-    if (std::exchange(redeliver_input_, false) && !input_.empty()) {
+    const bool redeliver = (flags_ & kRedeliverInput) != 0;
+    flags_ &= ~kRedeliverInput;
+    if (redeliver && !input_.empty()) {
       call_on_data(input_.data(), input_.size(), true);
       if (!reading_enabled()) return;
     }
@@ -396,9 +456,9 @@ class Connection final : private detail::OwnedWatcher {
   void reading_resumed() noexcept {
     if (!reading_enabled()) return;
     last_read_ = loop_->cached_now();  // the read timeout does not count time spent paused
-    redeliver_input_ = !input_.empty();
+    if (!input_.empty()) flags_ |= kRedeliverInput;
     // Edge mode: bytes that arrived while paused raised no new edge, so go and read them.
-    if (kEdge || redeliver_input_) loop_->schedule_ready(*this);
+    if (kEdge || !input_.empty()) loop_->schedule_ready(*this);
     update_interest();
   }
 
@@ -421,7 +481,7 @@ class Connection final : private detail::OwnedWatcher {
     std::size_t consumed = size;
     if constexpr (ConnectionHandler<Handler, Connection>) {
       const std::string_view bytes(data, size);
-      in_on_data_ = true;  // `bytes` may point into input_: keep it alive until on_data returns
+      flags_ |= kInOnData;  // `bytes` may point into input_: keep it alive until on_data returns
       const bool ok = guarded([&] {
         if constexpr (std::is_void_v<decltype(handler_.on_data(*this, bytes))>) {
           handler_.on_data(*this, bytes);
@@ -430,8 +490,8 @@ class Connection final : private detail::OwnedWatcher {
               std::min<std::size_t>(static_cast<std::size_t>(handler_.on_data(*this, bytes)), size);
         }
       });
-      in_on_data_ = false;
-      if (!ok || fd < 0 || close_requested_) {
+      flags_ &= ~kInOnData;
+      if (!ok || phase_ >= Phase::kClosing) {
         input_.reset();  // closing: nothing more will be delivered
         return;
       }
@@ -451,15 +511,15 @@ class Connection final : private detail::OwnedWatcher {
   // Frees unconsumed input, unless on_data is running and may still be reading it: then
   // call_on_data frees it when the handler returns.
   void drop_input() noexcept {
-    if (!in_on_data_) input_.reset();
+    if ((flags_ & kInOnData) == 0) input_.reset();
   }
 
   void peer_eof() noexcept {
-    eof_ = true;
+    flags_ |= kEof;
     input_.reset();  // an incomplete frame can never complete now
     if constexpr (HasOnEof<Handler, Connection>) {
       if (!guarded([this] { handler_.on_eof(*this); }) || fd < 0) return;
-      if (fin_sent_) {
+      if (phase_ == Phase::kFinSent) {
         close();
       } else {
         update_interest();
@@ -498,8 +558,8 @@ class Connection final : private detail::OwnedWatcher {
 
   // After output shrank: lift backpressure, report drain, finish a pending close or shutdown.
   void output_drained() noexcept {
-    if (backpressure_ && output_.size() <= low_water_) {
-      backpressure_ = false;
+    if ((flags_ & kBackpressure) != 0 && output_.size() <= low_water_) {
+      flags_ &= ~kBackpressure;
       if constexpr (HasOnDrain<Handler, Connection>) {
         if (!guarded([this] { handler_.on_drain(*this); }) || fd < 0) return;
       }
@@ -507,11 +567,11 @@ class Connection final : private detail::OwnedWatcher {
       if (fd < 0) return;
     }
     if (output_.empty()) {
-      if (close_requested_) {
-        finish_close();
+      if (phase_ == Phase::kClosing) {
+        finish_close(false);
         return;
       }
-      if (shutdown_requested_ && !fin_sent_) {
+      if (phase_ == Phase::kShutdown) {
         send_fin();
         return;
       }
@@ -519,35 +579,33 @@ class Connection final : private detail::OwnedWatcher {
     update_interest();
   }
 
+  // kShutdown -> kFinSent, output flushed. Closes at once if the peer's EOF came already.
   void send_fin() noexcept {
     if (Sys::shutdown(fd, SHUT_WR) != 0) {
       fail(detail::last_errno_code());
       return;
     }
-    fin_sent_ = true;
-    if (eof_) {
+    phase_ = Phase::kFinSent;
+    if ((flags_ & kEof) != 0) {
       close_now({});
     } else {
       update_interest();
     }
   }
 
-  // Everything is flushed and the connection is to close. Unless the peer already sent its FIN,
+  // kClosing, output flushed: the connection is to close. Unless the peer already sent its FIN,
   // half-close and drain its input until EOF (or linger_timeout) so that closing sends no RST.
-  void finish_close() noexcept {
-    if (eof_ || linger_timeout_ms_ == 0 || (!fin_sent_ && Sys::shutdown(fd, SHUT_WR) != 0)) {
+  // fin_sent: shutdown() sent FIN already.
+  void finish_close(bool fin_sent) noexcept {
+    if ((flags_ & kEof) != 0 || linger_timeout_ms_ == 0 ||
+        (!fin_sent && Sys::shutdown(fd, SHUT_WR) != 0)) {
       close_now({});
       return;
     }
-    fin_sent_ = true;
-    lingering_ = true;
-    if (timer_) loop_->cancel(std::exchange(timer_, TimerId{}));
-    try {
-      timer_ = loop_->schedule_after(std::chrono::milliseconds(linger_timeout_ms_), [this] {
-        timer_ = {};
-        close_now({});
-      });
-    } catch (...) {
+    phase_ = Phase::kLingering;
+    const auto due =
+        detail::saturating_add(loop_->now(), std::chrono::milliseconds(linger_timeout_ms_));
+    if (set_timer(due)) {
       close_now({});  // no timer, no lingering
       return;
     }
@@ -596,8 +654,9 @@ class Connection final : private detail::OwnedWatcher {
   void update_interest() noexcept {
     if constexpr (!kEdge) {
       if (fd < 0) return;
-      const std::uint32_t wanted = (reading_enabled() || lingering_ ? EPOLLIN | EPOLLRDHUP : 0u) |
-                                   (output_.empty() ? 0u : static_cast<std::uint32_t>(EPOLLOUT));
+      const std::uint32_t wanted =
+          (reading_enabled() || phase_ == Phase::kLingering ? EPOLLIN | EPOLLRDHUP : 0u) |
+          (output_.empty() ? 0u : static_cast<std::uint32_t>(EPOLLOUT));
       if (wanted == interest) return;
       if (const std::error_code ec = loop_->modify(*this, wanted)) fail(ec);
     }
@@ -609,35 +668,51 @@ class Connection final : private detail::OwnedWatcher {
     return (idle_timeout_ms_ | read_timeout_ms_ | write_timeout_ms_) != 0;
   }
 
-  // Starts the timeout clock; false (and the connection failed) when no timer could be had.
-  bool arm_timeouts(Clock::time_point now) noexcept {
+  // Starts the timeout clock; an error when no timer could be had (nothing else is done then).
+  std::error_code arm_timeouts(Clock::time_point now) noexcept {
     last_read_ = last_write_ = now;
-    if (!has_timeouts()) return true;
+    if (!has_timeouts()) return {};
     std::uint32_t shortest = std::numeric_limits<std::uint32_t>::max();
     for (const std::uint32_t ms : {idle_timeout_ms_, read_timeout_ms_, write_timeout_ms_}) {
       if (ms != 0) shortest = std::min(shortest, ms);
     }
-    return schedule_check(now + std::chrono::milliseconds(shortest));
+    return set_timer(now + std::chrono::milliseconds(shortest));
   }
 
-  bool schedule_check(Clock::time_point due) noexcept {
+  // Points the connection's one timer at `due`, replacing whatever it was set to. Its callback
+  // acts on the phase it finds (on_timer), so the caller needs no callback of its own.
+  std::error_code set_timer(Clock::time_point due) noexcept {
+    if (timer_) loop_->cancel(std::exchange(timer_, TimerId{}));
     try {
-      timer_ = loop_->schedule_at(due, [this] { check_timeouts(); });
-      return true;
+      timer_ = loop_->schedule_at(due, [this] { on_timer(); });
+      return {};
     } catch (const std::system_error& e) {
-      fail(e.code());
+      return e.code();
     } catch (...) {
-      fail(std::make_error_code(std::errc::not_enough_memory));
+      return std::make_error_code(std::errc::not_enough_memory);
     }
-    return false;
   }
 
-  // The timer fired: act on whichever timeout has really passed, or look again when the next one
-  // could. Traffic since the timer was set just moves the deadline; nothing was rescheduled per
-  // byte.
-  void check_timeouts() noexcept {
+  void on_timer() noexcept {
     timer_ = {};
-    if (fd < 0 || lingering_) return;
+    switch (phase_) {
+      case Phase::kLingering:
+        close_now({});  // the peer never sent its FIN: close anyway (output was flushed)
+        return;
+      case Phase::kClosed:
+        return;  // unreachable: closing cancels the timer
+      default:
+        check_timeouts();
+        return;
+    }
+  }
+
+  // The timeout check (phases kOpen to kClosing): act on whichever timeout has really passed, or
+  // look again when the next one could. Traffic since the timer was set just moves the deadline;
+  // nothing was rescheduled per byte. During a graceful shutdown it also closes the connection
+  // once it is quiet.
+  void check_timeouts() noexcept {
+    if (phase_ > Phase::kClosing) return;
     const Clock::time_point now = loop_->cached_now();
     const auto timed_out = std::make_error_code(std::errc::timed_out);
     auto next = Clock::time_point::max();
@@ -655,19 +730,45 @@ class Connection final : private detail::OwnedWatcher {
       const auto due =
           std::max(last_read_, last_write_) + std::chrono::milliseconds(idle_timeout_ms_);
       if (due <= now) {
-        if (close_requested_) return fail(timed_out);  // a whole idle period and still not flushed
+        if (phase_ == Phase::kClosing) return fail(timed_out);  // a whole idle period unflushed
         reason_ = timed_out;
         close();
-        if (fd < 0) return;
+        if (phase_ != Phase::kClosing) return;  // lingering or closed: the timer is theirs now
         next = std::min(next, now + std::chrono::milliseconds(idle_timeout_ms_));
       } else {
         next = std::min(next, due);
       }
     }
+    if constexpr (!HasOnShutdown<Handler, Connection>) {
+      if ((flags_ & kDraining) != 0 && phase_ < Phase::kClosing) {
+        const auto quiet = loop_->drain_quiet_period();
+        const auto due = std::max(last_read_, loop_->drain_started()) + quiet;
+        if (output_.empty() && due <= now) {
+          close();
+          if (phase_ != Phase::kClosing) return;
+          next = std::min(next, now + quiet);
+        } else {
+          next = std::min(next, output_.empty() ? due : now + quiet);
+        }
+      }
+    }
     if (next == Clock::time_point::max()) {  // nothing running now (paused, say): look again later
+      if (!has_timeouts()) return;
       next = now + std::chrono::milliseconds(std::max({read_timeout_ms_, write_timeout_ms_}));
     }
-    schedule_check(next);
+    if (const std::error_code ec = set_timer(next)) fail(ec);
+  }
+
+  // Reactor::shutdown() began: serve the connection out. With an on_shutdown hook the handler
+  // decides when to close; without, the connection closes once quiet (check_timeouts).
+  void begin_drain() noexcept {
+    if (phase_ >= Phase::kClosing || (flags_ & kDraining) != 0) return;
+    flags_ |= kDraining;
+    if constexpr (HasOnShutdown<Handler, Connection>) {
+      guarded([this] { handler_.on_shutdown(*this); });
+    } else {
+      check_timeouts();
+    }
   }
 
   // Closes the socket now and queues on_close for after the current dispatch.
@@ -677,9 +778,13 @@ class Connection final : private detail::OwnedWatcher {
       const linger option{1, 0};
       Sys::setsockopt(fd, SOL_SOCKET, SO_LINGER, &option, sizeof option);
     }
-    if (!exclusive_fd_) loop_->remove(*this);
+    // Always EPOLL_CTL_DEL before close: epoll watches the open file description, not the fd, so
+    // if a dup of the socket lives on (a fork()ed child, an fd passed away), close() alone would
+    // leave it in the set, reporting events whose data.ptr is this connection, freed by then
+    // (epoll(7), "Q6"). One syscall per closed connection (docs/performance.md).
+    loop_->deregister(*this);
     Sys::close(std::exchange(fd, -1));
-    registered = false;
+    phase_ = Phase::kClosed;
     output_.clear(loop_->chunk_pool());
     drop_input();
     if (timer_) loop_->cancel(std::exchange(timer_, TimerId{}));
@@ -690,7 +795,16 @@ class Connection final : private detail::OwnedWatcher {
     loop_->schedule_finalize(*this);
   }
 
+  // Deletes a connection that never opened (open() failed half-way): no hook runs.
+  void discard() noexcept {
+    if (timer_) loop_->cancel(std::exchange(timer_, TimerId{}));
+    loop_->deregister(*this);
+    Sys::close(std::exchange(fd, -1));
+    delete this;
+  }
+
   void finalize() noexcept {
+    loop_->count_shutdown_close(reason_);
     if constexpr (HasOnClose<Handler, Connection>) {
       try {
         handler_.on_close(*this, reason_);
@@ -737,19 +851,8 @@ class Connection final : private detail::OwnedWatcher {
   TimerId timer_;
   Clock::time_point last_read_{};
   Clock::time_point last_write_{};
-  bool exclusive_fd_;
-  bool user_paused_ = false;
-  bool backpressure_ = false;  // paused because output reached high_water_
-  bool redeliver_input_ = false;
-  bool eof_ = false;
-  bool close_requested_ = false;
-  bool shutdown_requested_ = false;
-  bool fin_sent_ = false;
-  bool peer_closing_ = false;
-  bool short_read_drains_ = false;  // edge mode: a short read means the socket is empty (TCP)
-  bool lingering_ = false;
-  bool in_on_data_ = false;  // FIN sent after close(): draining input until the peer's EOF  // edge
-                             // mode: EPOLLRDHUP/EPOLLHUP seen, read on to the EOF
+  Phase phase_ = Phase::kOpen;
+  std::uint16_t flags_ = 0;  // Flag bits
   std::error_code reason_;
   [[no_unique_address]] Handler handler_;
 };
@@ -770,7 +873,7 @@ Connection<Handler, R>* adopt(R& loop, UniqueFd socket, Handler handler,
   socklen_t length = sizeof domain;
   Sys::getsockopt(socket.get(), SOL_SOCKET, SO_DOMAIN, &domain, &length);
   return Connection<Handler, R>::open(loop, socket.release(), std::move(handler), options,
-                                      /*exclusive_fd=*/false, domain != AF_UNIX, ec);
+                                      domain != AF_UNIX, ec);
 }
 
 // Throwing overload: std::system_error naming "adopt".

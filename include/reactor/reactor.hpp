@@ -3,9 +3,11 @@
 // events to the watchers registered with it (connections, acceptors, signal and fd watchers), runs
 // timers and work posted from other threads.
 //
-// Threading: a reactor is driven by one thread, the one calling run() or run_once(). stop() and
-// post() may be called from any thread, and ConnectionHandle's members too; everything else,
-// including every callback, happens on the loop thread.
+// Threading: a reactor is driven by one thread at a time, the one inside run(), run_once() or
+// shutdown(); a second thread calling them meanwhile gets device_or_resource_busy, a callback
+// calling them gets resource_deadlock_would_occur. stop() and post() may be called from any
+// thread, and ConnectionHandle's members too; everything else, including every callback, happens
+// on the loop thread.
 #pragma once
 
 #include <sys/epoll.h>
@@ -21,7 +23,6 @@
 #include <new>
 #include <string_view>
 #include <system_error>
-#include <thread>
 #include <utility>
 #include <vector>
 
@@ -58,12 +59,50 @@ struct ReactorOptions {
   std::size_t cached_chunks = 64;
 };
 
-// What a graceful shutdown did: connections that closed after flushing their output, and those
-// still open at the deadline, which were aborted.
+// What a graceful shutdown did with each connection open when it started (or opened during it):
+// flushed + failed + aborted counts every one of them exactly once.
 struct ShutdownReport {
-  std::size_t flushed = 0;
-  std::size_t aborted = 0;
+  std::size_t flushed = 0;  // closed in an orderly way (empty on_close reason): output delivered
+  std::size_t failed = 0;   // closed with an error within the grace (reset, limit, timeout, ...)
+  std::size_t aborted = 0;  // still serving at the deadline or at a stop(): aborted
+  // Set when shutdown() could not run: resource_deadlock_would_occur from inside a callback,
+  // device_or_resource_busy while another thread drives the loop, or epoll_wait's error.
+  std::error_code error;
 };
+
+namespace detail {
+
+// `start + delay`, saturated at the clock's range instead of overflowing.
+inline std::chrono::steady_clock::time_point saturating_add(
+    std::chrono::steady_clock::time_point start,
+    std::chrono::steady_clock::duration delay) noexcept {
+  using Clock = std::chrono::steady_clock;
+  if (delay > Clock::duration::zero() && start > Clock::time_point::max() - delay) {
+    return Clock::time_point::max();
+  }
+  if (delay < Clock::duration::zero() && start < Clock::time_point::min() - delay) {
+    return Clock::time_point::min();
+  }
+  return start + delay;
+}
+
+// The reactors this thread is running, innermost first (asio's call_stack): "am I on the loop
+// thread?" is "is this reactor on my stack?", true exactly while inside its run(), run_once() or
+// shutdown(), whichever thread created it.
+struct RunFrame {
+  const void* reactor;
+  RunFrame* next;
+};
+inline thread_local RunFrame* running_reactors = nullptr;
+
+inline bool running_in_this_thread(const void* reactor) noexcept {
+  for (const RunFrame* frame = running_reactors; frame != nullptr; frame = frame->next) {
+    if (frame->reactor == reactor) return true;
+  }
+  return false;
+}
+
+}  // namespace detail
 
 template <TriggerMode Trigger = LevelTriggered, SyscallPolicy Sys = LinuxSyscalls>
 class Reactor {
@@ -73,12 +112,12 @@ class Reactor {
   using Clock = std::chrono::steady_clock;
   static constexpr bool kEdgeTriggered = Trigger::kEdge;
 
-  // Creates the epoll set and the wakeup eventfd. Throws std::system_error naming the syscall
-  // ("epoll_create1", "eventfd", "epoll_ctl") on failure.
+  // Creates the epoll set and the wakeup eventfd. Throws std::system_error naming what failed
+  // ("epoll_create1", "eventfd", "epoll_ctl", or "reactor buffers" with not_enough_memory).
   explicit Reactor(const ReactorOptions& options = {})
       : options_(options), chunk_pool_(options.cached_chunks) {
-    if (const std::error_code ec = open()) {
-      const char* what = epoll_fd_ < 0 ? "epoll_create1" : wakeup_.fd < 0 ? "eventfd" : "epoll_ctl";
+    const char* what = nullptr;
+    if (const std::error_code ec = open(what)) {
       close_fds();
       detail::throw_error(ec, what);
     }
@@ -87,15 +126,17 @@ class Reactor {
   // As above, reporting failure through `ec`; a reactor that failed to open must only be destroyed.
   Reactor(const ReactorOptions& options, std::error_code& ec) noexcept
       : options_(options), chunk_pool_(options.cached_chunks) {
-    ec = open();
+    const char* what = nullptr;
+    ec = open(what);
   }
 
   Reactor(const Reactor&) = delete;
   Reactor& operator=(const Reactor&) = delete;
 
-  // Aborts every connection still open (each gets on_close with operation_canceled), drops posted
-  // work that has not run and pending timers, then closes its fds. Acceptors and watchers must be
-  // destroyed before their reactor.
+  // Aborts every connection still open (each gets on_close with operation_canceled, or with an
+  // empty reason if it had flushed everything and was only lingering for the peer's FIN), drops
+  // posted work that has not run and pending timers, then closes its fds. Acceptors and watchers
+  // must be destroyed before their reactor.
   ~Reactor() {
     // on_close callbacks could adopt new connections; a bounded number of rounds catches those.
     for (int round = 0; round < 8 && !connections_.empty(); ++round) {
@@ -106,17 +147,21 @@ class Reactor {
   }
 
   // Runs the loop until stop() is called. A stop() that happened before run() makes it return at
-  // once; either way the stop request is consumed, so run() can be called again.
+  // once; either way the stop request is consumed, so run() can be called again. Throws
+  // std::system_error ("epoll_wait", or "run" when called from a callback or while another thread
+  // runs the loop).
   void run() {
     std::error_code ec;
     run(ec);
-    detail::throw_if(ec, "epoll_wait");
+    detail::throw_if(ec, ec.category() == std::generic_category() ? "run" : "epoll_wait");
   }
 
-  // As above; returns with `ec` set if epoll_wait fails with anything but EINTR.
+  // As above; returns with `ec` set if epoll_wait fails with anything but EINTR, or at once with
+  // resource_deadlock_would_occur (called from one of this reactor's callbacks) or
+  // device_or_resource_busy (another thread is running it).
   void run(std::error_code& ec) noexcept {
-    ec.clear();
-    note_loop_thread();
+    RunScope scope(*this, ec);
+    if (ec) return;
     int events = 0;
     while (!stop_requested_.exchange(false, std::memory_order_acq_rel)) {
       if (const int error = poll_once(-1, events)) {
@@ -129,16 +174,19 @@ class Reactor {
   // Waits up to `timeout` (negative: forever) for events, dispatches them, then runs deferred work
   // (the ready list, due timers, posted work, accept retries, close callbacks), and returns the
   // number of epoll events received. EINTR is retried with the remaining time. Throws
-  // std::system_error ("epoll_wait") on failure.
+  // std::system_error ("epoll_wait") on failure, or ("run_once") when called from a callback or
+  // while another thread runs the loop.
   std::size_t run_once(std::chrono::milliseconds timeout = std::chrono::milliseconds(-1)) {
     std::error_code ec;
     const std::size_t n = run_once(timeout, ec);
-    detail::throw_if(ec, "epoll_wait");
+    detail::throw_if(ec, ec.category() == std::generic_category() ? "run_once" : "epoll_wait");
     return n;
   }
 
+  // As above, reporting failure through `ec` (as run(ec) does).
   std::size_t run_once(std::chrono::milliseconds timeout, std::error_code& ec) noexcept {
-    note_loop_thread();
+    RunScope scope(*this, ec);
+    if (ec) return 0;
     int events = 0;
     const int error = poll_once(timeout.count() < 0 ? -1 : clamp_ms(timeout), events);
     ec = error != 0 ? detail::errno_code(error) : std::error_code();
@@ -170,12 +218,15 @@ class Reactor {
     if (!wakeup_pending_.exchange(true, std::memory_order_acq_rel)) wake();
   }
 
-  // Timers run on the loop thread, earliest first; ties run in scheduling order. They cost
-  // O(log n) to schedule, cancel and fire, and one timerfd for all of them. Throw std::bad_alloc,
-  // or std::system_error naming "timerfd_create" when the first timer cannot get its fd.
+  // Timers run on the loop thread, earliest first; ties run in scheduling order; never before
+  // their deadline (a deadline past the clock's range saturates: never). They cost O(log n) to
+  // schedule, cancel and fire, and one timerfd for all of them. Throw std::bad_alloc, or
+  // std::system_error naming "timerfd_create" when the first timer cannot get its fd. There is no
+  // error_code overload: they fail only for lack of memory or fds. Loop thread only.
   template <class F>
   TimerId schedule_after(Clock::duration delay, F&& callback) {
-    return schedule(Clock::now() + delay, Clock::duration::zero(), std::forward<F>(callback));
+    return schedule(detail::saturating_add(Clock::now(), delay), Clock::duration::zero(),
+                    std::forward<F>(callback));
   }
   template <class F>
   TimerId schedule_at(Clock::time_point due, F&& callback) {
@@ -186,7 +237,8 @@ class Reactor {
   template <class F>
   TimerId schedule_every(Clock::duration period, F&& callback) {
     period = std::max<Clock::duration>(period, std::chrono::microseconds(1));
-    return schedule(Clock::now() + period, period, std::forward<F>(callback));
+    return schedule(detail::saturating_add(Clock::now(), period), period,
+                    std::forward<F>(callback));
   }
 
   // Cancels a timer; returns false if it already ran (one-shot) or was cancelled. Safe from any
@@ -211,31 +263,56 @@ class Reactor {
   // then leave one by one as their output drains; connection_count() reaches 0 when all are gone.
   void close_all() noexcept { for_each_open_connection(detail::WatcherOp::kClose); }
 
-  // Graceful shutdown, run on the loop thread outside any callback: closes every acceptor, asks
-  // every connection to flush and close, runs the loop until all are gone or `grace` has passed,
-  // then aborts the rest (on_close gets operation_canceled). Timers and posted work keep running
-  // meanwhile.
-  ShutdownReport shutdown(std::chrono::milliseconds grace) noexcept {
+  // How long a connection must stay quiet (nothing received, nothing left to send) during a
+  // graceful shutdown before it is closed.
+  static constexpr std::chrono::milliseconds kDefaultQuietPeriod{100};
+
+  // Graceful shutdown, called on the thread that drives the loop, outside any callback. It
+  // consumes any pending stop(), closes every acceptor, and keeps serving the open connections —
+  // reading, calling on_data, writing — so that bytes the peers sent before the shutdown are still
+  // handled. Each connection is closed (flush, FIN, linger) once it is quiet: nothing pending to
+  // send and nothing received for `quiet`, or its peer half-closed. A handler with an
+  // on_shutdown(conn) hook decides instead: the hook is called once, and the connection stays
+  // until the handler closes it. Timers and posted work keep running meanwhile. At the deadline,
+  // or as soon as stop() is called during the grace period (a second signal, say), what is left is
+  // aborted (on_close gets operation_canceled). Returns the counts; report.error is set, and
+  // nothing done, when called from a callback or while another thread runs the loop.
+  ShutdownReport shutdown(std::chrono::milliseconds grace,
+                          std::chrono::milliseconds quiet = kDefaultQuietPeriod) noexcept {
+    ShutdownReport report;
+    RunScope scope(*this, report.error);
+    if (report.error) return report;
+    stop_requested_.store(false, std::memory_order_release);  // this is the stop
     for (auto* node = listeners_.front(); node != nullptr; node = listeners_.front()) {
       node->unlink();  // the acceptor's close() would unlink it too; never loop on one
       node->watcher->function(*node->watcher, detail::WatcherOp::kClose, 0, nullptr);
     }
-    const std::size_t open = connection_count_;
-    close_all();
-    const auto deadline = Clock::now() + grace;
-    std::error_code ec;
-    while (connection_count_ > 0 && !ec) {
+    now_ = Clock::now();
+    drain_started_ = now_;
+    drain_quiet_ = std::max(quiet, std::chrono::milliseconds(0));
+    shutdown_report_ = &report;
+    for_each_open_connection(detail::WatcherOp::kDrain);
+    finalize_closed();
+    const auto deadline = detail::saturating_add(now_, grace);
+    int events = 0;
+    while (connection_count_ > 0 && !stop_requested_.exchange(false, std::memory_order_acq_rel)) {
       const auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - Clock::now());
       if (left.count() <= 0) break;
-      run_once(left, ec);
+      if (const int error = poll_once(clamp_ms(left), events)) {
+        report.error = detail::errno_code(error);
+        break;
+      }
     }
-    ShutdownReport report;
-    report.aborted = std::min(connection_count_, open);
-    report.flushed = open - report.aborted;
+    aborting_ = true;
     for_each_open_connection(detail::WatcherOp::kAbort);
     finalize_closed();
+    aborting_ = false;
+    shutdown_report_ = nullptr;
     return report;
   }
+
+  // Whether a graceful shutdown is in progress (connections check it when they open).
+  bool draining() const noexcept { return shutdown_report_ != nullptr; }
 
   // Low-level registration of a watcher's fd (events as for epoll_ctl). Return the error, if any;
   // they never throw. remove() also drops any event for the watcher still queued in the batch
@@ -254,6 +331,16 @@ class Reactor {
       watcher.interest = 0;
     }
     forget(watcher);
+  }
+
+  // Takes the watcher's fd out of the epoll set, leaving the batch alone: for connections, whose
+  // queued events are dropped by their fd of -1 until they are freed after the batch.
+  void deregister(detail::Watcher& watcher) noexcept {
+    if (!watcher.registered) return;
+    epoll_event event{};
+    Sys::epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, watcher.fd, &event);
+    watcher.registered = false;
+    watcher.interest = 0;
   }
 
   // Drops any event for `watcher` still queued in the batch being dispatched (for a watcher about
@@ -318,29 +405,59 @@ class Reactor {
                                           (fd_waiters_.empty() ? 0 : kFdWaiterWork));
   }
 
-  void note_loop_thread() noexcept {
-    const std::thread::id self = std::this_thread::get_id();
-    if (loop_thread_.load(std::memory_order_relaxed) != self) {
-      loop_thread_.store(self, std::memory_order_relaxed);
+  // Marks this reactor as run by the calling thread for the scope's duration, or sets `ec` (and
+  // marks nothing) when it is already running: on this thread (a callback calling run_once()) or
+  // on another.
+  class RunScope {
+   public:
+    RunScope(Reactor& loop, std::error_code& ec) noexcept : loop_(loop) {
+      ec.clear();
+      if (detail::running_in_this_thread(&loop)) {
+        ec = std::make_error_code(std::errc::resource_deadlock_would_occur);
+        return;
+      }
+      if (loop.in_use_.exchange(true, std::memory_order_acquire)) {
+        ec = std::make_error_code(std::errc::device_or_resource_busy);
+        return;
+      }
+      frame_ = {&loop, detail::running_reactors};
+      detail::running_reactors = &frame_;
+      active_ = true;
     }
-  }
+    RunScope(const RunScope&) = delete;
+    RunScope& operator=(const RunScope&) = delete;
+    ~RunScope() {
+      if (!active_) return;
+      detail::running_reactors = frame_.next;
+      loop_.in_use_.store(false, std::memory_order_release);
+    }
+
+   private:
+    Reactor& loop_;
+    detail::RunFrame frame_{};
+    bool active_ = false;
+  };
 
   static int clamp_ms(std::chrono::milliseconds timeout) noexcept {
     return static_cast<int>(std::min<std::int64_t>(timeout.count(), 1 << 30));
   }
 
-  std::error_code open() noexcept {
+  // `what` names the step that failed.
+  std::error_code open(const char*& what) noexcept {
     options_.initial_events = std::clamp(options_.initial_events, 1, 1 << 20);
     options_.max_events = std::max(options_.max_events, options_.initial_events);
     options_.read_buffer_size = std::max<std::size_t>(options_.read_buffer_size, 1024);
     options_.max_reads_per_wakeup = std::max(options_.max_reads_per_wakeup, 1);
     now_ = Clock::now();
-    loop_thread_.store(std::this_thread::get_id());  // the creator, until some thread runs it
+    what = "epoll_create1";
     epoll_fd_ = Sys::epoll_create1(EPOLL_CLOEXEC);
     if (epoll_fd_ < 0) return detail::last_errno_code();
+    what = "eventfd";
     wakeup_.fd = Sys::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (wakeup_.fd < 0) return detail::last_errno_code();
+    what = "epoll_ctl";
     if (auto ec = add(wakeup_, EPOLLIN)) return ec;
+    what = "reactor buffers";
     read_buffer_.reset(new (std::nothrow) char[options_.read_buffer_size]);
     if (!read_buffer_) return std::make_error_code(std::errc::not_enough_memory);
     try {
@@ -385,19 +502,20 @@ class Reactor {
     return {};
   }
 
+  // The epoll_wait timeout: 0 while work is queued or a stop is pending (run() then returns;
+  // shutdown() checks for it before waiting), else the caller's, cut short by an acceptor's
+  // backoff and, while the timerfd cannot be armed, by the earliest timer.
   int wait_timeout(int timeout_ms) noexcept {
     if ((deferred_ & (kReadyWork | kClosedWork)) != 0 || stop_requested()) return 0;
-    if (fd_waiters_.empty()) return timeout_ms;
-    auto ms =
+    if (fd_waiters_.empty() && !timerfd_unarmed_) return timeout_ms;
+    auto due = Clock::time_point::max();
+    fd_waiters_.for_each([&](const detail::FdWaiter& w) { due = std::min(due, w.due); });
+    if (timerfd_unarmed_ && !timers_.empty()) due = std::min(due, timers_.next_due());
+    if (due == Clock::time_point::max()) return timeout_ms;
+    const auto left = std::chrono::ceil<std::chrono::milliseconds>(due - Clock::now());
+    const auto limit =
         timeout_ms < 0 ? std::chrono::milliseconds::max() : std::chrono::milliseconds(timeout_ms);
-    {
-      auto due = Clock::time_point::max();
-      fd_waiters_.for_each([&](const detail::FdWaiter& w) { due = std::min(due, w.due); });
-      const auto left = std::chrono::ceil<std::chrono::milliseconds>(due - Clock::now());
-      ms = std::clamp(left, std::chrono::milliseconds(0), ms);
-    }
-    if (ms == std::chrono::milliseconds::max()) return -1;
-    return static_cast<int>(std::min<std::int64_t>(ms.count(), 1 << 30));
+    return clamp_ms(std::clamp(left, std::chrono::milliseconds(0), limit));
   }
 
   // epoll_wait, retrying EINTR with the remaining time. Returns 0 or the errno of a failure.
@@ -427,7 +545,12 @@ class Reactor {
       if (watcher == &wakeup_ || watcher == &timer_) {
         std::uint64_t count;  // drain: the work itself runs after the batch
         [[maybe_unused]] const ssize_t r = Sys::read(watcher->fd, &count, sizeof count);
-        deferred_ |= watcher == &wakeup_ ? kPostedWork : kTimerWork;
+        if (watcher == &wakeup_) {
+          deferred_ |= kPostedWork;
+        } else {
+          deferred_ |= kTimerWork;
+          armed_due_ = Clock::time_point::max();  // it expired: the timerfd holds no deadline now
+        }
         continue;
       }
       // Interest may have changed since the kernel queued this event (another handler paused
@@ -475,28 +598,33 @@ class Reactor {
     return id;
   }
 
-  // Points the timerfd at the earliest deadline when that moved earlier; a deadline that moved
-  // later (a cancel) costs one early wakeup instead of a syscall now.
+  // Keeps the timerfd no later than the earliest deadline, reasoning only from what the timerfd
+  // holds (armed_due_: the deadline it was last set to, or max() once its expiry has been read),
+  // never from a clock (asio's epoll_reactor::update_timeout). It is re-armed whenever the
+  // earliest deadline is earlier than what it holds; a deadline that moved later (a cancel) is
+  // left alone and costs one early wakeup, after which run_timers() re-arms from the heap. If
+  // timerfd_settime fails, epoll_wait's timeout stands in for it until an arm succeeds.
   void arm_timer() noexcept {
     if (timers_.empty() || timer_.fd < 0) return;
     const auto due = timers_.next_due();
-    if (due >= armed_due_ && armed_due_ > now_) return;
-    armed_due_ = due;
+    if (due >= armed_due_) return;
     const auto since_epoch = std::chrono::duration_cast<std::chrono::nanoseconds>(
         std::max(due, Clock::time_point(std::chrono::nanoseconds(1))).time_since_epoch());
     itimerspec spec{};
     spec.it_value.tv_sec = static_cast<time_t>(since_epoch.count() / 1'000'000'000);
     spec.it_value.tv_nsec = static_cast<long>(since_epoch.count() % 1'000'000'000);
     // steady_clock is CLOCK_MONOTONIC on Linux (libstdc++ and libc++), so the clocks agree.
-    Sys::timerfd_settime(timer_.fd, TFD_TIMER_ABSTIME, &spec, nullptr);
+    if (Sys::timerfd_settime(timer_.fd, TFD_TIMER_ABSTIME, &spec, nullptr) != 0) {
+      timerfd_unarmed_ = true;
+      return;
+    }
+    timerfd_unarmed_ = false;
+    armed_due_ = due;
   }
 
   void run_timers() noexcept {
     if (timers_.empty()) return;
-    if (timers_.next_due() <= now_) {
-      armed_due_ = Clock::time_point::min();  // the timerfd fired or is about to: re-arm below
-      timers_.run_due(now_);
-    }
+    if (timers_.next_due() <= now_) timers_.run_due(now_);
     arm_timer();
   }
 
@@ -586,15 +714,27 @@ class Reactor {
     }
   }
 
-  // Other threads only ever compare it with their own id, which it can never equal, so relaxed
-  // loads suffice.
   // The clock as of this iteration's epoll_wait; stale while nothing is timed, when nothing reads
   // it.
   Clock::time_point cached_now() const noexcept { return now_; }
 
-  bool on_loop_thread() const noexcept {
-    return loop_thread_.load(std::memory_order_relaxed) == std::this_thread::get_id();
+  // True on the thread inside this reactor's run(), run_once() or shutdown() (callbacks
+  // included), false everywhere else, the creating thread included while the loop is not run.
+  bool on_loop_thread() const noexcept { return detail::running_in_this_thread(this); }
+
+  // A connection closed during shutdown(): count it in the report.
+  void count_shutdown_close(const std::error_code& reason) noexcept {
+    if (shutdown_report_ == nullptr) return;
+    if (!reason) {
+      ++shutdown_report_->flushed;
+    } else if (aborting_) {
+      ++shutdown_report_->aborted;
+    } else {
+      ++shutdown_report_->failed;
+    }
   }
+  Clock::time_point drain_started() const noexcept { return drain_started_; }
+  std::chrono::milliseconds drain_quiet_period() const noexcept { return drain_quiet_; }
 
   char* read_buffer() noexcept { return read_buffer_.get(); }
   std::size_t read_buffer_size() const noexcept { return options_.read_buffer_size; }
@@ -616,7 +756,7 @@ class Reactor {
   int batch_index_ = -1;
   int batch_size_ = 0;
   Clock::time_point now_{};
-  std::atomic<std::thread::id> loop_thread_{};
+  std::atomic<bool> in_use_{false};  // some thread is inside run(), run_once() or shutdown()
   std::unique_ptr<char[]> read_buffer_;
   ChunkPool chunk_pool_;
   ConnectionList connections_;
@@ -628,7 +768,12 @@ class Reactor {
   FdWaiterList fd_waiters_;
   ListenerList listeners_;
   detail::TimerQueue timers_;
-  Clock::time_point armed_due_ = Clock::time_point::min();
+  Clock::time_point armed_due_ = Clock::time_point::max();  // what the timerfd holds; max: nothing
+  bool timerfd_unarmed_ = false;  // the last timerfd_settime failed: epoll_wait's timeout stands in
+  ShutdownReport* shutdown_report_ = nullptr;  // set while shutdown() runs
+  bool aborting_ = false;                      // shutdown() is aborting what is left
+  Clock::time_point drain_started_{};
+  std::chrono::milliseconds drain_quiet_{kDefaultQuietPeriod};
   std::mutex post_mutex_;
   std::vector<detail::Task> posted_;
   std::vector<detail::Task> running_;

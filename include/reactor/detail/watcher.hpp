@@ -20,7 +20,7 @@ enum class WatcherOp : std::uint8_t {
   kAbort,     // close now with operation_canceled: the reactor is being destroyed (connections)
   kFinalize,  // the watcher is closed and unlinked: run its last callback and free it (connections)
   kSend,      // send the std::string_view that `argument` points to (connections, via handles)
-  kTimeout,   // a connection's timeout check is due (connections)
+  kDrain,     // a graceful shutdown began: finish serving, close once quiet (connections)
 };
 
 struct Watcher {
