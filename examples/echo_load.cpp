@@ -1,9 +1,9 @@
 // echo_load: a load client for echo_server, written with reactor. Every connection keeps DEPTH
 // messages of SIZE bytes in flight, verifies every echoed byte and measures round-trip latency.
 //
-//   echo_load [--host ADDR] --port N [--unix PATH] --conns N --size BYTES --depth D --seconds T
+//   echo_load [--host ADDR] --port N [--unix PATH] --conns N --size BYTES [--depth D] --seconds T
 //
-// --host defaults to 127.0.0.1; --unix replaces --host/--port. Prints one progress line per second
+// --host defaults to 127.0.0.1, --depth to 1; --unix replaces --host/--port. Prints one progress line per second
 // and a final line starting with "summary:". Exits 0 when every byte came back intact, 1 on a
 // mismatch or any connection error (connect failure, reset, unexpected close, an echo that does
 // not come back within 5 s of the end), 2 on bad usage. SIGINT/SIGTERM end the run early.
@@ -49,7 +49,7 @@ struct Options {
   std::string unix_path;
   std::size_t conns = 0;
   std::size_t size = 0;
-  std::size_t depth = 0;
+  std::size_t depth = 1;
   double seconds = 0;
 };
 
@@ -318,14 +318,15 @@ struct LoadHandler {
 
 void print_usage(std::FILE* out, const char* program) {
   std::fprintf(out,
-               "usage: %s [--host ADDR] --port N [--unix PATH] --conns N --size BYTES --depth D "
+               "usage: %s [--host ADDR] --port N [--unix PATH] --conns N --size BYTES [--depth D] "
                "--seconds T\n"
                "  --host ADDR    server address (default 127.0.0.1; IPv6 as ::1 or [::1])\n"
                "  --port N       server port (not needed with --unix)\n"
                "  --unix PATH    connect to a Unix socket instead\n"
                "  --conns N      connections (1..%zu)\n"
                "  --size BYTES   message size (1..%zu)\n"
-               "  --depth D      messages in flight per connection (1..%zu; depth*size <= 1 GiB)\n"
+               "  --depth D      messages in flight per connection (1..%zu, default 1; "
+               "depth*size <= 1 GiB)\n"
                "  --seconds T    run time (may be fractional)\n",
                program, kMaxConns, kMaxSize, kMaxDepth);
 }
@@ -384,7 +385,6 @@ bool parse(int argc, char** argv, Options& options, bool& help) {
   const char* missing = options.unix_path.empty() && !have_port ? "--port"
                         : options.conns == 0                    ? "--conns"
                         : options.size == 0                     ? "--size"
-                        : options.depth == 0                    ? "--depth"
                         : options.seconds == 0                  ? "--seconds"
                                                                 : nullptr;
   if (missing != nullptr) {

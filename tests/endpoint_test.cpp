@@ -72,3 +72,19 @@ TEST_CASE("endpoints compare equal by address", "[endpoint]") {
   CHECK(Endpoint().empty());
   CHECK(Endpoint().to_string().empty());
 }
+
+// Before: the port parameter was std::uint16_t, so 70000 silently became 4464.
+TEST_CASE("from_host_port rejects ports outside 0..65535 instead of narrowing them",
+          "[endpoint]") {
+  std::error_code ec;
+  CHECK(Endpoint::from_host_port("127.0.0.1", 65535, ec).port() == 65535);
+  CHECK_FALSE(ec);
+  CHECK(Endpoint::from_host_port("127.0.0.1", 70000, ec).empty());
+  CHECK(ec == std::errc::invalid_argument);
+  CHECK(Endpoint::from_host_port("::1", -1, ec).empty());
+  CHECK(ec == std::errc::invalid_argument);
+  CHECK(Endpoint::from_host_port("::1", 65536L, ec).empty());
+  CHECK(ec == std::errc::invalid_argument);
+  CHECK_THROWS_AS(Endpoint::from_host_port("127.0.0.1", 1 << 20), std::system_error);
+  CHECK(Endpoint::from_host_port("127.0.0.1", std::uint16_t{80}).port() == 80);
+}

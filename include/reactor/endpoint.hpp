@@ -9,8 +9,10 @@
 #include <sys/un.h>
 
 #include <charconv>
+#include <concepts>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <string>
 #include <string_view>
 #include <system_error>
@@ -25,39 +27,22 @@ class Endpoint {
   Endpoint() noexcept = default;
 
   // An IPv4 or IPv6 endpoint from a numeric host ("127.0.0.1", "::1", "[::1]"; "localhost" means
-  // 127.0.0.1) and a port. Sets ec to invalid_argument on a malformed host.
-  static Endpoint from_host_port(std::string_view host, std::uint16_t port,
-                                 std::error_code& ec) noexcept {
-    ec.clear();
-    Endpoint ep;
-    if (host == "localhost") host = "127.0.0.1";
-    if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
-      host = host.substr(1, host.size() - 2);
-    }
-    char text[INET6_ADDRSTRLEN] = {};
-    if (host.size() >= sizeof text) {
+  // 127.0.0.1) and a port of any integer type. Sets ec to invalid_argument on a malformed host or
+  // a port outside 0..65535 (never narrowed to 16 bits).
+  template <std::integral Port>
+    requires(!std::same_as<Port, bool>)
+  static Endpoint from_host_port(std::string_view host, Port port, std::error_code& ec) noexcept {
+    if (!std::in_range<std::uint16_t>(port)) {
       ec = std::make_error_code(std::errc::invalid_argument);
-      return ep;
+      return {};
     }
-    std::memcpy(text, host.data(), host.size());
-    sockaddr_in v4{};
-    sockaddr_in6 v6{};
-    if (::inet_pton(AF_INET, text, &v4.sin_addr) == 1) {
-      v4.sin_family = AF_INET;
-      v4.sin_port = htons(port);
-      ep.assign(&v4, sizeof v4);
-    } else if (::inet_pton(AF_INET6, text, &v6.sin6_addr) == 1) {
-      v6.sin6_family = AF_INET6;
-      v6.sin6_port = htons(port);
-      ep.assign(&v6, sizeof v6);
-    } else {
-      ec = std::make_error_code(std::errc::invalid_argument);
-    }
-    return ep;
+    return from_host_port16(host, static_cast<std::uint16_t>(port), ec);
   }
 
   // Throwing overload: std::system_error naming "parse endpoint".
-  static Endpoint from_host_port(std::string_view host, std::uint16_t port) {
+  template <std::integral Port>
+    requires(!std::same_as<Port, bool>)
+  static Endpoint from_host_port(std::string_view host, Port port) {
     std::error_code ec;
     Endpoint ep = from_host_port(host, port, ec);
     detail::throw_if(ec, "parse endpoint");
@@ -175,6 +160,36 @@ class Endpoint {
   }
 
  private:
+  static Endpoint from_host_port16(std::string_view host, std::uint16_t port,
+                                   std::error_code& ec) noexcept {
+    ec.clear();
+    Endpoint ep;
+    if (host == "localhost") host = "127.0.0.1";
+    if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
+      host = host.substr(1, host.size() - 2);
+    }
+    char text[INET6_ADDRSTRLEN] = {};
+    if (host.size() >= sizeof text) {
+      ec = std::make_error_code(std::errc::invalid_argument);
+      return ep;
+    }
+    std::memcpy(text, host.data(), host.size());
+    sockaddr_in v4{};
+    sockaddr_in6 v6{};
+    if (::inet_pton(AF_INET, text, &v4.sin_addr) == 1) {
+      v4.sin_family = AF_INET;
+      v4.sin_port = htons(port);
+      ep.assign(&v4, sizeof v4);
+    } else if (::inet_pton(AF_INET6, text, &v6.sin6_addr) == 1) {
+      v6.sin6_family = AF_INET6;
+      v6.sin6_port = htons(port);
+      ep.assign(&v6, sizeof v6);
+    } else {
+      ec = std::make_error_code(std::errc::invalid_argument);
+    }
+    return ep;
+  }
+
   template <class T>
   const T& as() const noexcept {
     return *reinterpret_cast<const T*>(&storage_);

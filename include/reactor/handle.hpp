@@ -3,8 +3,10 @@
 // it. A handle outliving its connection is detected (the slot's generation moved on, even if the
 // slot now holds another connection): the call reports not_connected and touches nothing.
 //
-// Threading: every member is safe from any thread while the reactor exists. Off the loop thread,
-// send() copies the bytes and post()s them; on the loop thread it sends directly.
+// Threading: every member is safe from any thread while the reactor exists. Inside the reactor's
+// run()/run_once()/shutdown() (its callbacks), send() sends directly; anywhere else — another
+// thread, or the creating thread while nobody runs the loop — it copies the bytes and post()s
+// them to whichever thread runs the loop next.
 #pragma once
 
 #include <cstdint>
@@ -33,10 +35,10 @@ class ConnectionHandle {
   // An empty handle; every call reports not_connected.
   ConnectionHandle() noexcept = default;
 
-  // Sends `bytes` to the connection. Returns not_connected for an empty or stale handle; on the
-  // loop thread also when the connection refused the bytes (closing, or a failed send, which its
-  // on_close reports). Off the loop thread, a connection that closes before the posted bytes are
-  // handed to it drops them, as it would drop anything queued at close.
+  // Sends `bytes` to the connection. Returns not_connected for an empty or stale handle; inside
+  // the loop also when the connection refused the bytes (closing, or a failed send, which its
+  // on_close reports). Posted bytes are dropped if the connection closes before they are handed
+  // to it, as it would drop anything queued at close.
   std::error_code send(std::string_view bytes) const {
     if (!is_current()) return not_connected();
     if (loop_->on_loop_thread()) return send_here(*loop_, index_, generation_, bytes);
