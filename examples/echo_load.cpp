@@ -3,10 +3,11 @@
 //
 //   echo_load [--host ADDR] --port N [--unix PATH] --conns N --size BYTES [--depth D] --seconds T
 //
-// --host defaults to 127.0.0.1, --depth to 1; --unix replaces --host/--port. Prints one progress line per second
-// and a final line starting with "summary:". Exits 0 when every byte came back intact, 1 on a
-// mismatch or any connection error (connect failure, reset, unexpected close, an echo that does
-// not come back within 5 s of the end), 2 on bad usage. SIGINT/SIGTERM end the run early.
+// --host defaults to 127.0.0.1, --depth to 1; --unix replaces --host/--port. Prints one progress
+// line per second and a final line starting with "summary:". Exits 0 when every byte came back
+// intact, 1 on a mismatch or any connection error (connect failure, reset, unexpected close, an
+// echo that does not come back within 5 s of the end), 2 on bad usage. SIGINT/SIGTERM end the run
+// early.
 //
 // Each connection sends a byte pattern that is a function of (connection, stream offset), so a
 // lost, duplicated, reordered or crossed-over byte is detected without keeping what was sent.

@@ -7,8 +7,11 @@
 // it flushes what is pending, then closes. Reading from a client pauses while more than
 // --high-water bytes (default 1 MiB) wait to be sent to it. A connection with no traffic in either
 // direction for --idle-timeout seconds (default 0: never) is closed after flushing. On SIGINT or
-// SIGTERM it stops accepting, flushes pending output for up to 3 s, aborts what is left, reports
-// the counts on stderr and exits 0.
+// SIGTERM it stops accepting and keeps echoing what clients had already sent, closing each
+// connection once it is quiet (nothing to send, nothing received for 100 ms) or its client
+// half-closes; after 3 s, or at a second SIGINT/SIGTERM, it aborts what is left. It then reports
+// the counts on stderr ("flushed": closed after echoing everything; "aborted": the rest, including
+// connections that failed during the stop) and exits 0.
 #include <reactor.hpp>
 
 #include <cerrno>
@@ -111,10 +114,11 @@ int serve(const Options& options) {
   std::fflush(stdout);
 
   loop.run();
-  // Stop accepting, let every connection flush and close, abort what is left after 3 s.
+  // Stop accepting, serve out what clients sent, abort what is left after 3 s or at a second
+  // signal (the SignalSet still calls loop.stop(), which ends the grace period).
   const reactor::ShutdownReport report = loop.shutdown(std::chrono::seconds(3));
   std::fprintf(stderr, "echo_server: shut down: %zu connections flushed, %zu aborted\n",
-               report.flushed, report.aborted);
+               report.flushed, report.failed + report.aborted);
   return 0;
 }
 

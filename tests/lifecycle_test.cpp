@@ -378,3 +378,38 @@ TEST_CASE("a reactor that cannot allocate its buffers says so", "[lifecycle]") {
   }
 }
 #endif
+
+namespace {
+
+struct Silent {
+  int* closes;
+  std::error_code* reason;
+  void on_data(auto&, std::string_view) {}
+  void on_close(auto&, std::error_code why) {
+    ++*closes;
+    *reason = why;
+  }
+};
+
+}  // namespace
+
+// Before: the write timeout started from the loop's cached clock, which outside the loop (here,
+// after an idle pause between run_once() calls) was old, so it fired at once.
+TEST_CASE("the write timeout counts from the send that queued output, even outside the loop",
+          "[lifecycle][timer]") {
+  Level loop;
+  int closes = 0;
+  std::error_code reason;
+  auto [server, client] = test::socket_pair();  // the peer never reads
+  reactor::ConnectionOptions options;
+  options.write_timeout = 200ms;
+  auto& connection = reactor::adopt(loop, std::move(server), Silent{&closes, &reason}, options);
+  loop.run_once(0ms);
+  std::this_thread::sleep_for(300ms);  // the loop's clock stands still meanwhile
+  const auto sent = Clock::now();
+  REQUIRE(connection.send(test::pattern(4 << 20)));
+  REQUIRE(connection.pending_output_bytes() > 0);
+  REQUIRE(test::run_until(loop, [&] { return closes == 1; }));
+  CHECK(Clock::now() - sent >= 200ms);
+  CHECK(reason == std::errc::timed_out);
+}

@@ -154,7 +154,10 @@ class Connection final : private detail::OwnedWatcher {
       fail(make_error_code(Error::kOutputLimit));
       return false;
     }
-    if (output_.empty()) last_write_ = loop_->cached_now();  // the write timeout counts from here
+    // The write timeout counts from here. The real clock, not the loop's: outside the loop (before
+    // run(), between run_once() calls) the cached one can be arbitrarily old, and the timeout
+    // would fire early by that much. Only when output starts queueing, never per message.
+    if (output_.empty()) last_write_ = Clock::now();
     if (!output_.append(loop_->chunk_pool(), bytes, size)) {
       fail(std::make_error_code(std::errc::not_enough_memory));
       return false;

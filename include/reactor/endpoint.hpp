@@ -12,10 +12,10 @@
 #include <concepts>
 #include <cstdint>
 #include <cstring>
-#include <utility>
 #include <string>
 #include <string_view>
 #include <system_error>
+#include <utility>
 
 #include "error.hpp"
 
@@ -30,8 +30,8 @@ class Endpoint {
   // 127.0.0.1) and a port of any integer type. Sets ec to invalid_argument on a malformed host or
   // a port outside 0..65535 (never narrowed to 16 bits).
   template <std::integral Port>
-    requires(!std::same_as<Port, bool>)
-  static Endpoint from_host_port(std::string_view host, Port port, std::error_code& ec) noexcept {
+  requires(!std::same_as<Port, bool>) static Endpoint
+      from_host_port(std::string_view host, Port port, std::error_code& ec) noexcept {
     if (!std::in_range<std::uint16_t>(port)) {
       ec = std::make_error_code(std::errc::invalid_argument);
       return {};
@@ -41,8 +41,8 @@ class Endpoint {
 
   // Throwing overload: std::system_error naming "parse endpoint".
   template <std::integral Port>
-    requires(!std::same_as<Port, bool>)
-  static Endpoint from_host_port(std::string_view host, Port port) {
+  requires(!std::same_as<Port, bool>) static Endpoint
+      from_host_port(std::string_view host, Port port) {
     std::error_code ec;
     Endpoint ep = from_host_port(host, port, ec);
     detail::throw_if(ec, "parse endpoint");

@@ -194,7 +194,9 @@ class Reactor {
   }
 
   // Makes run() return after the current batch, or run_once() return early. Safe from any thread
-  // and from signal handlers (an atomic store and an eventfd write).
+  // and from signal handlers (an atomic store and an eventfd write). As with post(), the reactor
+  // must outlive the call: run() may return before the eventfd write, so an owner that destroys
+  // the reactor when run() returns must first wait for the stopping thread to be done with it.
   void stop() noexcept {
     stop_requested_.store(true, std::memory_order_release);
     wake();
