@@ -2,8 +2,11 @@
 // sockets, ephemeral ports, setup errors, and an acceptor destroyed from inside a callback.
 #include <reactor/acceptor.hpp>
 
+#include <poll.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 
+#include <cstdint>
 #include <filesystem>
 #include <memory>
 #include <vector>
@@ -134,31 +137,67 @@ namespace {
 struct SelfDestruct;
 using SelfDestructAcceptor = reactor::Acceptor<SelfDestruct, Loop>;
 
-// The first connection's on_open destroys the acceptor that is accepting it.
+// The first connection's on_open destroys the acceptor that is accepting it; it then echoes.
 struct SelfDestruct {
   std::unique_ptr<SelfDestructAcceptor>* acceptor;
   int* opens;
-  void on_open(auto& /*connection*/) {
+  std::uint16_t* accepted_port;
+  void on_open(auto& connection) {
     ++*opens;
+    *accepted_port = connection.remote_endpoint().port();
     acceptor->reset();
   }
-  void on_data(auto& /*connection*/, std::string_view /*bytes*/) {}
+  void on_data(auto& connection, std::string_view bytes) { connection.send(bytes); }
 };
+
+std::uint16_t local_port(int fd) {
+  sockaddr_storage address{};
+  socklen_t length = sizeof address;
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&address), &length);
+  return reactor::Endpoint::from_sockaddr(reinterpret_cast<sockaddr*>(&address), length).port();
+}
 
 }  // namespace
 
 TEST_CASE("an acceptor destroyed inside on_open stops accepting without touching freed memory",
           "[acceptor][lifetime]") {
-  Loop loop;
   int opens = 0;
+  std::uint16_t accepted_port = 0;
+  Loop loop;
   std::unique_ptr<SelfDestructAcceptor> acceptor;
-  acceptor = std::make_unique<SelfDestructAcceptor>(loop, reactor::Endpoint::parse("127.0.0.1:0"),
-                                                    SelfDestruct{&acceptor, &opens});
+  acceptor =
+      std::make_unique<SelfDestructAcceptor>(loop, reactor::Endpoint::parse("127.0.0.1:0"),
+                                             SelfDestruct{&acceptor, &opens, &accepted_port});
   const reactor::Endpoint endpoint = acceptor->local_endpoint();
   std::vector<reactor::UniqueFd> clients;
   for (int i = 0; i < 3; ++i) clients.push_back(reactor::connect(endpoint));
   REQUIRE(test::run_until(loop, [&] { return acceptor == nullptr; }));
-  for (int i = 0; i < 3; ++i) loop.run_once(5ms);
+  REQUIRE(opens == 1);
+  // The two clients still in the backlog were reset when the listening socket closed (Linux
+  // resets what is left in the accept queue: inet_csk_listen_stop), so nothing can accept them
+  // later. The accepted one is served: its echo, after the acceptor is gone, shows that the loop
+  // has run on and still opened nothing else.
+  int resets = 0;
+  std::string echoed;
+  for (const auto& client : clients) {
+    if (local_port(client.get()) == accepted_port) {
+      REQUIRE(::send(client.get(), "m", 1, MSG_NOSIGNAL) == 1);
+      REQUIRE(test::run_until(loop, [&] {
+        char byte;
+        if (::read(client.get(), &byte, 1) == 1) echoed += byte;
+        return !echoed.empty();
+      }));
+      continue;
+    }
+    pollfd waiting{client.get(), POLLIN, 0};
+    REQUIRE(::poll(&waiting, 1, 5000) == 1);
+    char byte;
+    const ssize_t n = ::read(client.get(), &byte, 1);
+    CHECK(n == -1);
+    if (n == -1 && errno == ECONNRESET) ++resets;
+  }
+  CHECK(echoed == "m");
+  CHECK(resets == 2);
   CHECK(opens == 1);
   CHECK(loop.connection_count() == 1);
 }

@@ -43,12 +43,40 @@ struct Echo {
 template <class Mode>
 using Loop = reactor::Reactor<Mode>;
 
+// A second connection on the loop under test, echoing. A byte echoed by it after the test wrote
+// to the connection under test proves the loop has since waited on both sockets and dispatched
+// what was ready, so "nothing happened there" is decided by an event, not by waiting a while.
+struct Marker {
+  Record record;
+  reactor::UniqueFd peer;
+
+  template <class L>
+  void attach(L& loop) {
+    auto [mine, theirs] = test::socket_pair();
+    reactor::adopt(loop, std::move(mine), Echo{&record});
+    peer = std::move(theirs);
+  }
+
+  // Writes one byte and runs the loop until its echo is back; false if it never came.
+  template <class L>
+  bool round_trip(L& loop) {
+    const std::size_t expected = record.data.size() + 1;
+    if (::write(peer.get(), "m", 1) != 1) return false;
+    std::string echoed;
+    return test::run_until(loop, [&] {
+      char byte;
+      if (::read(peer.get(), &byte, 1) == 1) echoed += byte;
+      return echoed == "m" && record.data.size() == expected;
+    });
+  }
+};
+
 }  // namespace
 
 TEMPLATE_TEST_CASE("an adopted connection echoes bytes back unchanged", "[connection]",
                    reactor::LevelTriggered, reactor::EdgeTriggered) {
-  Loop<TestType> loop;
   Record record;
+  Loop<TestType> loop;
   auto [mine, theirs] = test::socket_pair();
   auto& connection = reactor::adopt(loop, std::move(mine), Echo{&record});
   CHECK(record.opens == 1);
@@ -69,8 +97,8 @@ TEMPLATE_TEST_CASE("an adopted connection echoes bytes back unchanged", "[connec
 
 TEMPLATE_TEST_CASE("16 MiB is echoed byte for byte", "[connection][bulk]", reactor::LevelTriggered,
                    reactor::EdgeTriggered) {
-  Loop<TestType> loop;
   Record record;
+  Loop<TestType> loop;
   auto [mine, theirs] = test::socket_pair();
   reactor::adopt(loop, std::move(mine), Echo{&record});
   test::Peer peer{std::move(theirs)};
@@ -87,8 +115,8 @@ TEMPLATE_TEST_CASE("16 MiB is echoed byte for byte", "[connection][bulk]", react
 
 TEMPLATE_TEST_CASE("after the peer's half-close, pending output is flushed before closing",
                    "[connection][close]", reactor::LevelTriggered, reactor::EdgeTriggered) {
-  Loop<TestType> loop;
   Record record;
+  Loop<TestType> loop;
   auto [mine, theirs] = test::socket_pair();
   reactor::adopt(loop, std::move(mine), Echo{&record});
   test::Peer peer{std::move(theirs)};
@@ -137,8 +165,8 @@ struct ReplyAndClose {
 
 TEMPLATE_TEST_CASE("a handler can close its own connection and queued output is flushed first",
                    "[connection][close]", reactor::LevelTriggered, reactor::EdgeTriggered) {
-  Loop<TestType> loop;
   Record record;
+  Loop<TestType> loop;
   auto [mine, theirs] = test::socket_pair();
   const std::string reply = test::pattern(2 << 20, 5);  // more than the socket takes at once
   reactor::adopt(loop, std::move(mine), ReplyAndClose{&record, reply});
@@ -185,8 +213,8 @@ struct Rival {
 
 TEST_CASE("closing another connection in the same epoll batch drops its queued event",
           "[connection][close]") {
-  Loop<reactor::LevelTriggered> loop;
   Rivals rivals;
+  Loop<reactor::LevelTriggered> loop;
   auto [a, peer_a] = test::socket_pair();
   auto [b, peer_b] = test::socket_pair();
   rivals.connections[0] = &reactor::adopt(loop, std::move(a), Rival{&rivals, 0});
@@ -202,8 +230,9 @@ TEST_CASE("closing another connection in the same epoll batch drops its queued e
 
 TEMPLATE_TEST_CASE("backpressure pauses reading at the high watermark and resumes at the low",
                    "[connection][backpressure]", reactor::LevelTriggered, reactor::EdgeTriggered) {
-  Loop<TestType> loop;
+  Marker marker;
   Record record;
+  Loop<TestType> loop;
   reactor::ConnectionOptions options;
   options.high_water = 64 * 1024;
   options.low_water = 16 * 1024;
@@ -217,14 +246,18 @@ TEMPLATE_TEST_CASE("backpressure pauses reading at the high watermark and resume
     return !connection.is_reading();
   }));
   CHECK(connection.pending_output_bytes() >= options.high_water);
-  // Paused: more iterations read nothing more, however much the peer has sent.
+  // Paused: bytes wait unread in the socket, and a marker connection's echo, written after them,
+  // comes back (the loop saw both sockets) while the paused one reads nothing.
   const std::size_t echoed = record.data.size();
-  for (int i = 0; i < 5; ++i) {
+  marker.attach(loop);
+  for (int i = 0; i < 3; ++i) {
     peer.step();
-    loop.run_once(5ms);
+    CHECK(peer.sent > echoed);  // unread bytes are waiting on the paused connection
+    REQUIRE(marker.round_trip(loop));
+    CHECK(record.data.size() == echoed);
   }
-  CHECK(record.data.size() == echoed);
   CHECK(record.drains == 0);
+  CHECK_FALSE(connection.is_reading());
 
   peer.reading = true;
   REQUIRE(test::run_until(loop, [&] {
@@ -254,8 +287,8 @@ struct Blast {
 
 TEST_CASE("the hard cap closes a connection instead of queuing without bound",
           "[connection][backpressure]") {
-  Loop<reactor::LevelTriggered> loop;
   Record record;
+  Loop<reactor::LevelTriggered> loop;
   reactor::ConnectionOptions options;
   options.high_water = 64 * 1024;
   options.max_pending_output = 256 * 1024;
@@ -290,8 +323,8 @@ struct Lines {
 
 TEMPLATE_TEST_CASE("bytes a handler leaves unconsumed come back with the next read",
                    "[connection][frames]", reactor::LevelTriggered, reactor::EdgeTriggered) {
-  Loop<TestType> loop;
   std::vector<std::string> lines;
+  Loop<TestType> loop;
   auto [mine, theirs] = test::socket_pair();
   auto& connection = reactor::adopt(loop, std::move(mine), Lines{&lines});
   for (const char* piece : {"ab", "c\nde", "f\ng", "", "h\n"}) {
@@ -321,8 +354,8 @@ struct Hoarder {
 }  // namespace
 
 TEST_CASE("unconsumed input past its limit closes the connection", "[connection][frames]") {
-  Loop<reactor::LevelTriggered> loop;
   Record record;
+  Loop<reactor::LevelTriggered> loop;
   reactor::ConnectionOptions options;
   options.max_pending_input = 1024;
   auto [mine, theirs] = test::socket_pair();
@@ -360,8 +393,8 @@ struct Goodbye {
 
 TEMPLATE_TEST_CASE("on_eof lets a handler reply after the peer half-closed", "[connection][close]",
                    reactor::LevelTriggered, reactor::EdgeTriggered) {
-  Loop<TestType> loop;
   Record record;
+  Loop<TestType> loop;
   auto [mine, theirs] = test::socket_pair();
   reactor::adopt(loop, std::move(mine), Goodbye{&record});
   test::Peer peer{std::move(theirs)};
@@ -399,8 +432,8 @@ struct SendThenShutdown {
 
 TEMPLATE_TEST_CASE("shutdown flushes, sends FIN and keeps reading until the peer's EOF",
                    "[connection][close]", reactor::LevelTriggered, reactor::EdgeTriggered) {
-  Loop<TestType> loop;
   Record record;
+  Loop<TestType> loop;
   auto [mine, theirs] = test::socket_pair();
   const std::string block = test::pattern(1 << 20, 9);
   reactor::adopt(loop, std::move(mine), SendThenShutdown{&record, block});
@@ -439,9 +472,9 @@ struct Thrower {
 }  // namespace
 
 TEST_CASE("a handler that throws closes only its own connection", "[connection][errors]") {
-  Loop<reactor::LevelTriggered> loop;
   Record bad;
   Record good;
+  Loop<reactor::LevelTriggered> loop;
   auto [a, peer_a] = test::socket_pair();
   auto [b, peer_b] = test::socket_pair();
   reactor::adopt(loop, std::move(a), Thrower{&bad});
@@ -479,8 +512,9 @@ struct Pauser {
 
 TEMPLATE_TEST_CASE("pause_reading holds data back until resume_reading delivers it",
                    "[connection][pause]", reactor::LevelTriggered, reactor::EdgeTriggered) {
-  Loop<TestType> loop;
+  Marker marker;
   Record record;
+  Loop<TestType> loop;
   auto [mine, theirs] = test::socket_pair();
   auto& connection = reactor::adopt(loop, std::move(mine), Pauser{&record});
   const std::string text = "one\ntwo\n";
@@ -490,8 +524,12 @@ TEMPLATE_TEST_CASE("pause_reading holds data back until resume_reading delivers 
   CHECK_FALSE(connection.is_reading());
   CHECK(connection.pending_input_bytes() == 4);  // "two\n" waits, already read
   REQUIRE(::write(theirs.get(), "three\n", 6) == 6);
-  for (int i = 0; i < 5; ++i) loop.run_once(5ms);
+  // Written after "three\n": once its echo is back, the loop has seen "three\n" readable.
+  marker.attach(loop);
+  REQUIRE(marker.round_trip(loop));
   CHECK(record.data == "one\n");
+  CHECK(record.data_calls == 1);
+  CHECK(connection.pending_input_bytes() == 4);  // "three\n" was not even read
 
   connection.resume_reading();
   REQUIRE(test::run_until(loop, [&] { return record.data == "one\ntwo\n"; }));
@@ -500,8 +538,8 @@ TEMPLATE_TEST_CASE("pause_reading holds data back until resume_reading delivers 
 }
 
 TEST_CASE("sending to a peer that has gone reports EPIPE in on_close", "[connection][errors]") {
-  Loop<reactor::LevelTriggered> loop;
   Record record;
+  Loop<reactor::LevelTriggered> loop;
   auto [mine, theirs] = test::socket_pair();
   reactor::adopt(loop, std::move(mine), Echo{&record});
   REQUIRE(::write(theirs.get(), "ping", 4) == 4);

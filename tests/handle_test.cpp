@@ -3,10 +3,16 @@
 // `tsan` preset too.
 #include <reactor/handle.hpp>
 
+#include <poll.h>
+#include <sys/socket.h>
+
 #include <atomic>
+#include <cstdint>
 #include <mutex>
 #include <random>
+#include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include <reactor.hpp>
@@ -114,7 +120,8 @@ TEST_CASE("a handle to a closed connection is rejected, even after its slot is r
   auto [b, peer_b] = test::socket_pair();
   reactor::adopt(loop, std::move(b), Keeper{&handles});
   REQUIRE(handles.size() == 2);
-  CHECK(test::open_fd_count() > 0);
+  CHECK(handles[1].is_current());
+  CHECK_FALSE(handles[1] == stale);
   CHECK(reactor::ConnectionHandle<Loop>().send("x") == std::errc::not_connected);
   CHECK(stale.send("x") == std::errc::not_connected);  // same slot, new generation
   CHECK_FALSE(handles[1].send("fresh"));
@@ -123,80 +130,107 @@ TEST_CASE("a handle to a closed connection is rejected, even after its slot is r
 
 namespace {
 
-// Accepted connections publish their handles for the worker threads.
+// Accepted connections publish their handles, with the client's port, for the worker threads.
 struct Published {
   std::mutex* mutex;
-  std::vector<reactor::ConnectionHandle<Loop>>* handles;
+  std::vector<std::pair<reactor::ConnectionHandle<Loop>, std::uint16_t>>* handles;
   void on_open(auto& connection) {
     const std::lock_guard lock(*mutex);
-    handles->push_back(connection.handle());
+    handles->emplace_back(connection.handle(), connection.remote_endpoint().port());
   }
   void on_data(auto& /*connection*/, std::string_view /*bytes*/) {}
 };
+
+// What the workers did to one connection.
+struct Tally {
+  std::atomic<int> accepted{0};  // sends that returned no error
+  std::atomic<int> refused{0};   // sends that returned an error
+  std::atomic<bool> closed{false};
+};
+
+std::uint16_t local_port(int fd) {
+  sockaddr_storage address{};
+  socklen_t length = sizeof address;
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&address), &length);
+  return reactor::Endpoint::from_sockaddr(reinterpret_cast<sockaddr*>(&address), length).port();
+}
 
 }  // namespace
 
 TEST_CASE("four threads send and close through handles while peers reset connections",
           "[handle][threads]") {
+  constexpr std::size_t kConnections = 100;
+  constexpr char kToken[] = "token:42;";
+  constexpr std::size_t kTokenSize = sizeof kToken - 1;
   Loop loop;
   std::mutex mutex;
-  std::vector<reactor::ConnectionHandle<Loop>> handles;
+  std::vector<std::pair<reactor::ConnectionHandle<Loop>, std::uint16_t>> handles;
   reactor::Acceptor<Published, Loop> acceptor(loop, reactor::Endpoint::parse("127.0.0.1:0"),
                                               Published{&mutex, &handles});
-  constexpr int kConnections = 100;
   std::vector<reactor::UniqueFd> peers;
-  for (int i = 0; i < kConnections; ++i)
+  for (std::size_t i = 0; i < kConnections; ++i) {
     peers.push_back(reactor::connect(acceptor.local_endpoint()));
+  }
   REQUIRE(test::run_until(loop, [&] {
     const std::lock_guard lock(mutex);
     return handles.size() == kConnections;
   }));
+  // handles[j] is the server side of peers[peer_of[j]].
+  std::vector<std::size_t> peer_of(kConnections, kConnections);
+  for (std::size_t j = 0; j < kConnections; ++j) {
+    for (std::size_t i = 0; i < kConnections; ++i) {
+      if (local_port(peers[i].get()) == handles[j].second) peer_of[j] = i;
+    }
+    REQUIRE(peer_of[j] < kConnections);
+  }
 
   std::thread runner([&] { loop.run(); });
-  std::atomic<int> accepted{0};
-  std::atomic<int> refused{0};
+  std::vector<Tally> tallies(kConnections);
   std::vector<std::thread> workers;
   for (int t = 0; t < 4; ++t) {
     workers.emplace_back([&, t] {
       std::mt19937 random(static_cast<unsigned>(t));
       for (int i = 0; i < 2000; ++i) {
-        reactor::ConnectionHandle<Loop> handle;
-        {
-          const std::lock_guard lock(mutex);
-          handle = handles[random() % handles.size()];
+        const std::size_t j = random() % kConnections;
+        const reactor::ConnectionHandle<Loop> handle = handles[j].first;  // no longer written
+        if (random() % 50 == 0) {
+          tallies[j].closed = true;  // before the close: a refused send may follow it
+          handle.close();
+        } else {
+          (handle.send(kToken) ? tallies[j].refused : tallies[j].accepted).fetch_add(1);
         }
-        const std::error_code ec = random() % 50 == 0 ? handle.close() : handle.send("token:42;");
-        (ec ? refused : accepted).fetch_add(1, std::memory_order_relaxed);
       }
     });
   }
   // Meanwhile, reset every third peer and read from the others.
-  for (int i = 0; i < kConnections; i += 3) {
+  for (std::size_t i = 0; i < kConnections; i += 3) {
     const linger reset{1, 0};
-    ::setsockopt(peers[static_cast<std::size_t>(i)].get(), SOL_SOCKET, SO_LINGER, &reset,
-                 sizeof reset);
-    peers[static_cast<std::size_t>(i)].reset();
+    ::setsockopt(peers[i].get(), SOL_SOCKET, SO_LINGER, &reset, sizeof reset);
+    peers[i].reset();
   }
   for (auto& worker : workers) worker.join();
   loop.post([&] { loop.close_all(); });
-  // Drain what the live peers received: only whole tokens, never a torn or foreign byte.
-  std::size_t tokens = 0;
-  for (auto& peer : peers) {
-    if (!peer) continue;
-    std::string received;
+  // Drain what the live peers received, up to the server's FIN: only whole tokens, never a torn
+  // or foreign byte. Checked after the loop thread is joined (a failed REQUIRE here would leave
+  // it running).
+  std::vector<std::string> received(kConnections);
+  std::vector<bool> ended(kConnections, false);
+  std::vector<int> read_error(kConnections, 0);
+  for (std::size_t i = 0; i < kConnections; ++i) {
+    if (!peers[i]) continue;
     char buffer[4096];
     for (;;) {
-      pollfd waiting{peer.get(), POLLIN, 0};
-      if (::poll(&waiting, 1, 5000) <= 0) break;
-      const ssize_t n = ::read(peer.get(), buffer, sizeof buffer);
-      if (n <= 0) break;
-      received.append(buffer, static_cast<std::size_t>(n));
+      pollfd waiting{peers[i].get(), POLLIN, 0};
+      if (::poll(&waiting, 1, 20000) <= 0) break;  // the server never closed: fails below
+      const ssize_t n = ::read(peers[i].get(), buffer, sizeof buffer);
+      if (n < 0) read_error[i] = errno;
+      if (n <= 0) {
+        ended[i] = n == 0;
+        break;
+      }
+      received[i].append(buffer, static_cast<std::size_t>(n));
     }
-    REQUIRE(received.size() % 9 == 0);
-    for (std::size_t k = 0; k < received.size(); k += 9)
-      REQUIRE(received.compare(k, 9, "token:42;") == 0);
-    tokens += received.size() / 9;
-    peer.reset();  // the server lingers for our EOF before it closes
+    peers[i].reset();  // the server lingers for our EOF before it closes
   }
   // The loop thread stops itself once every connection has closed (bounded by a deadline).
   const auto deadline = std::chrono::steady_clock::now() + 20s;
@@ -206,9 +240,34 @@ TEST_CASE("four threads send and close through handles while peers reset connect
     });
   });
   runner.join();
-  CHECK(accepted.load() + refused.load() == 4 * 2000);
-  CHECK(tokens <= static_cast<std::size_t>(accepted.load()));
-  CHECK(tokens > 0);
   CHECK(loop.connection_count() == 0);
-  for (const auto& handle : handles) CHECK(handle.send("late") == std::errc::not_connected);
+
+  std::size_t untouched = 0;
+  for (std::size_t j = 0; j < kConnections; ++j) {
+    const std::size_t i = peer_of[j];
+    CAPTURE(j, i, tallies[j].accepted.load(), tallies[j].refused.load(), tallies[j].closed.load());
+    if (i % 3 == 0) continue;  // reset: whatever it got is gone with it
+    CHECK(ended[i]);           // the server's FIN arrived, not a timeout
+    CHECK(read_error[i] == 0);
+    const std::string& bytes = received[i];
+    REQUIRE(bytes.size() % kTokenSize == 0);
+    for (std::size_t k = 0; k < bytes.size(); k += kTokenSize) {
+      REQUIRE(bytes.compare(k, kTokenSize, kToken) == 0);
+    }
+    const auto tokens = static_cast<int>(bytes.size() / kTokenSize);
+    if (tallies[j].closed) {
+      // Sends posted after the close are dropped with the connection; none arrive twice.
+      CHECK(tokens <= tallies[j].accepted.load());
+    } else {
+      // Open throughout: every send was accepted and every accepted token arrived exactly once.
+      ++untouched;
+      CHECK(tallies[j].refused.load() == 0);
+      CHECK(tokens == tallies[j].accepted.load());
+      CHECK(tokens > 0);
+    }
+  }
+  CHECK(untouched > 0);
+  for (const auto& [handle, port] : handles) {
+    CHECK(handle.send("late") == std::errc::not_connected);
+  }
 }

@@ -99,41 +99,99 @@ TEST_CASE("a periodic timer can cancel itself from its own callback", "[timer]")
   CHECK(queue.empty());
 }
 
-TEST_CASE("reactor timers fire on the loop after their delay, in order", "[timer][reactor]") {
+TEST_CASE("reactor timers scheduled with schedule_at fire in deadline order and never early",
+          "[timer][reactor]") {
   Loop loop;
-  std::vector<int> fired;
-  const auto start = Clock::now();
-  loop.schedule_after(30ms, [&] { fired.push_back(3); });
-  loop.schedule_after(10ms, [&] { fired.push_back(1); });
-  loop.schedule_after(20ms, [&] { fired.push_back(2); });
-  const reactor::TimerId cancelled = loop.schedule_after(15ms, [&] { fired.push_back(99); });
+  struct Fired {
+    int id;
+    Clock::time_point at;
+  };
+  std::vector<Fired> fired;
+  // Every deadline comes from one clock reading, so the order is fixed however slowly the
+  // scheduling calls run (valgrind, a loaded machine).
+  const auto base = loop.now();
+  const auto due = [&](int id) { return base + std::chrono::milliseconds(10 * id); };
+  const auto record = [&](int id) { return [&fired, id] { fired.push_back({id, Clock::now()}); }; };
+  loop.schedule_at(due(3), record(3));
+  loop.schedule_at(due(1), record(1));
+  loop.schedule_at(due(2), record(2));
+  const reactor::TimerId cancelled = loop.schedule_at(base + 15ms, record(99));
   CHECK(loop.cancel(cancelled));
+  CHECK_FALSE(loop.cancel(cancelled));
   CHECK(loop.pending_timers() == 3);
   REQUIRE(test::run_until(loop, [&] { return fired.size() == 3; }));
-  CHECK(fired == std::vector<int>{1, 2, 3});
-  CHECK(Clock::now() - start >= 30ms);
+  REQUIRE(fired.size() == 3);
+  for (std::size_t k = 0; k < fired.size(); ++k) {
+    CHECK(fired[k].id == static_cast<int>(k + 1));
+    CHECK(fired[k].at >= due(fired[k].id));  // never early
+  }
+  CHECK(loop.pending_timers() == 0);
+  // Nothing else fires afterwards (the cancelled one least of all): a marker timer due after it
+  // must be the next and only one.
+  bool marker = false;
+  loop.schedule_at(loop.now() + 20ms, [&] { marker = true; });
+  REQUIRE(test::run_until(loop, [&] { return marker; }));
+  CHECK(fired.size() == 3);
+}
+
+TEST_CASE("schedule_at timers with one deadline run in scheduling order, past ones first",
+          "[timer][reactor]") {
+  Loop loop;
+  std::vector<int> fired;
+  const auto base = loop.now();
+  for (int id = 0; id < 5; ++id) {
+    loop.schedule_at(base + 20ms, [&fired, id] { fired.push_back(id); });
+  }
+  // A deadline already passed is not dropped and not run inline; it runs first, before the
+  // earlier-scheduled timers with a later deadline.
+  loop.schedule_at(base - 1s, [&fired] { fired.push_back(-1); });
+  CHECK(fired.empty());
+  REQUIRE(test::run_until(loop, [&] { return fired.size() == 6; }));
+  CHECK(Clock::now() >= base + 20ms);
+  CHECK(fired == std::vector<int>{-1, 0, 1, 2, 3, 4});
+}
+
+TEST_CASE("schedule_after never fires before its delay has passed", "[timer][reactor]") {
+  Loop loop;
+  Clock::time_point fired_at{};
+  const auto before = Clock::now();  // the library reads the clock after this
+  loop.schedule_after(30ms, [&] { fired_at = Clock::now(); });
+  REQUIRE(test::run_until(loop, [&] { return fired_at != Clock::time_point{}; }));
+  CHECK(fired_at - before >= 30ms);
   CHECK(loop.pending_timers() == 0);
 }
 
-TEST_CASE("a periodic reactor timer fires at start + k * period without drift",
+TEST_CASE("a periodic reactor timer never fires early and never runs twice for one period",
           "[timer][reactor]") {
   Loop loop;
   std::vector<Clock::time_point> ticks;
-  const auto start = Clock::now();
   constexpr auto kPeriod = 20ms;
+  // Lateness is bounded only to catch a timer that stalls; how late a tick is depends on the
+  // machine (valgrind with the CPUs loaded was seen 20 ms late). Drift and skipped periods are
+  // checked exactly, with a simulated clock, by the TimerQueue case "a periodic timer keeps its
+  // phase and skips periods it missed".
+  constexpr auto kSlack = 500ms;
   reactor::TimerId id;
+  const auto start =
+      Clock::now();  // the first deadline is read after this: start + period or later
   id = loop.schedule_every(kPeriod, [&] {
     ticks.push_back(Clock::now());
-    if (ticks.size() == 10) loop.cancel(id);
+    if (ticks.size() == 10) CHECK(loop.cancel(id));
   });
   REQUIRE(test::run_until(loop, [&] { return ticks.size() == 10; }));
   for (std::size_t k = 0; k < ticks.size(); ++k) {
     const auto ideal = start + kPeriod * static_cast<int>(k + 1);
-    // Never early; late by less than a generous scheduling bound, not accumulating.
+    // Never early, and tick k + 1 only once k + 1 periods have passed: a period run twice (or a
+    // missed period made up for) would put a tick before its grid point.
     CHECK(ticks[k] >= ideal);
-    CHECK(ticks[k] - ideal < 15ms);
+    CHECK(ticks[k] - ideal < kSlack);
   }
   CHECK(loop.pending_timers() == 0);
+  // Cancelled from its own callback: no eleventh tick, even after two more periods.
+  bool marker = false;
+  loop.schedule_after(2 * kPeriod, [&] { marker = true; });
+  REQUIRE(test::run_until(loop, [&] { return marker; }));
+  CHECK(ticks.size() == 10);
 }
 
 namespace {
@@ -185,8 +243,8 @@ TEST_CASE("an idle connection is closed after its idle timeout, not before", "[t
     return peer.eof;  // the idle close flushed and sent FIN
   }));
   const auto eof_at = Clock::now();
-  CHECK(eof_at - last_traffic >= 90ms);  // the loop clock is read once per iteration
-  CHECK(eof_at - last_traffic < 100ms + 50ms);
+  CHECK(eof_at - last_traffic >= 90ms);          // the loop clock is read once per iteration
+  CHECK(eof_at - last_traffic < 100ms + 300ms);  // generous: valgrind on a loaded machine
   CHECK(eof_at - start >= 300ms);
   peer.fd.reset();  // the connection lingers until the peer closes too
   REQUIRE(test::run_until(loop, [&] { return closes == 1; }));
@@ -207,30 +265,82 @@ TEST_CASE("a read timeout aborts a connection whose peer goes silent", "[timer][
   REQUIRE(test::run_until(loop, [&] { return closes == 1; }));
   CHECK(reason == std::errc::timed_out);
   CHECK(closed_at - start >= 50ms);
-  CHECK(closed_at - start < 50ms + 50ms);
+  CHECK(closed_at - start < 50ms + 300ms);  // generous: valgrind on a loaded machine
 }
 
-TEST_CASE("a write timeout aborts a connection whose peer stops reading", "[timer][timeout]") {
+namespace {
+
+// Sends `reply` once the connection opens, reads nothing back.
+struct Writer {
+  std::string* reply;
+  int* closes;
+  std::error_code* reason;
+  Clock::time_point* closed_at;
+  void on_open(auto& connection) { connection.send(*reply); }
+  void on_data(auto& /*connection*/, std::string_view /*bytes*/) {}
+  void on_close(auto& /*connection*/, std::error_code error) {
+    ++*closes;
+    *reason = error;
+    *closed_at = Clock::now();
+  }
+};
+
+}  // namespace
+
+TEST_CASE(
+    "a write timeout aborts a connection whose peer stops reading, counted from its last "
+    "progress",
+    "[timer][timeout]") {
   Loop loop;
   int closes = 0;
   std::error_code reason;
   Clock::time_point closed_at;
+  std::string reply = test::pattern(4 << 20);  // far more than the socketpair buffers hold
   reactor::ConnectionOptions options;
-  options.write_timeout = 50ms;
-  options.high_water = 64 << 20;  // keep reading: only the write side may time out
-  options.max_pending_output = 128 << 20;
+  // Generous beside the 100 ms between the peer's reads: under valgrind with the CPUs loaded an
+  // iteration can take tens of milliseconds.
+  constexpr auto kTimeout = 250ms;
+  options.write_timeout = kTimeout;
   auto [mine, theirs] = test::socket_pair();
-  reactor::adopt(loop, std::move(mine), Quiet{&closes, &reason, &closed_at}, options);
+  auto& connection =
+      reactor::adopt(loop, std::move(mine), Writer{&reply, &closes, &reason, &closed_at}, options);
+  REQUIRE(connection.pending_output_bytes() > 0);
+  REQUIRE(connection.pending_output_bytes() < reply.size());
   test::Peer peer(std::move(theirs));
   peer.reading = false;
-  peer.to_send = test::pattern(4 << 20);
-  Clock::time_point stalled{};
+  // The peer reads a little four times, 100 ms apart: each read lets the server write more, so the
+  // connection outlives several timeouts' worth of time. The server's last write is seen as a
+  // drop in pending output after run_once; loop.now() then is the clock that write used.
+  std::size_t pending = connection.pending_output_bytes();
+  Clock::time_point last_progress = loop.now();
+  const auto watch = [&] {
+    if (closes != 0) return;
+    const std::size_t now_pending = connection.pending_output_bytes();
+    if (now_pending < pending) last_progress = loop.now();
+    pending = now_pending;
+  };
+  const auto opened = Clock::now();
+  for (int round = 0; round < 4; ++round) {
+    const auto next = Clock::now() + 100ms;
+    REQUIRE(test::run_until(loop, [&] {
+      watch();
+      return closes != 0 || Clock::now() >= next;
+    }));
+    REQUIRE(closes == 0);
+    static char buffer[256 << 10];
+    const ssize_t n = ::read(peer.fd.get(), buffer, sizeof buffer);
+    REQUIRE(n > 0);
+    peer.received.append(buffer, static_cast<std::size_t>(n));
+  }
+  CHECK(Clock::now() - opened > kTimeout);  // it outlived one timeout because output moved
+  const auto before_progress = last_progress;
   REQUIRE(test::run_until(loop, [&] {
-    const std::size_t before = peer.sent;
-    peer.step();
-    if (peer.sent == before && stalled == Clock::time_point{}) stalled = Clock::now();
+    watch();
     return closes == 1;
   }));
+  CHECK(last_progress > before_progress);  // the last read did let the server write again
   CHECK(reason == std::errc::timed_out);
-  CHECK(closed_at - stalled < 50ms + 100ms);
+  CHECK(closed_at - last_progress >= kTimeout);  // never early
+  CHECK(closed_at - last_progress < kTimeout + 500ms);
+  CHECK(peer.received == std::string_view(reply).substr(0, peer.received.size()));
 }

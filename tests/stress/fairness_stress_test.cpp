@@ -62,6 +62,9 @@ struct Server {
   reactor::Reactor<Trigger>* loop = nullptr;
   ServerStats stats;
   std::thread thread;
+  // Set once stop() has returned: run() may return while stop() is still writing the reactor's
+  // eventfd, so the reactor must outlive the call (TSan reported the race).
+  std::promise<void> stop_returned;
 
   // Starts the server thread; returns the port it listens on.
   reactor::Endpoint start() {
@@ -74,12 +77,14 @@ struct Server {
       loop = &reactor_loop;
       ready.set_value(acceptor.local_endpoint());
       reactor_loop.run();
+      stop_returned.get_future().wait();
       // Connections are aborted by the reactor's destructor, here, on the loop thread.
     });
     return endpoint.get();
   }
   void stop() {
     loop->stop();
+    stop_returned.set_value();
     thread.join();
   }
 };
@@ -102,18 +107,36 @@ TEMPLATE_TEST_CASE("small request/response connections keep their latency beside
     const timeval timeout{0, 100 * 1000};
     ::setsockopt(flood_fd.get(), SOL_SOCKET, SO_SNDTIMEO, &timeout, sizeof timeout);
   }
+  // The flooder says when it has sent its first 8 MiB (or stopped on an error before that).
+  constexpr std::uint64_t kWarmUp = 8u << 20;
+  std::promise<void> warmed_up;
+  std::future<void> flood_going = warmed_up.get_future();
   std::thread flooder([&] {
     std::string chunk = test::pattern(64 * 1024, 5);
     chunk[0] = 'F';
+    bool told = false;
     while (!stop_flood.load(std::memory_order_relaxed)) {
       const ssize_t n = ::send(flood_fd.get(), chunk.data(), chunk.size(), MSG_NOSIGNAL);
       if (n > 0) flood_sent.fetch_add(static_cast<std::uint64_t>(n), std::memory_order_relaxed);
       if (n < 0 && errno != EAGAIN && errno != EINTR) break;
       chunk[0] = 'x';
+      if (!told && flood_sent.load(std::memory_order_relaxed) >= kWarmUp) {
+        told = true;
+        warmed_up.set_value();
+      }
     }
+    if (!told) warmed_up.set_value();
   });
-  // Let the flood get going before measuring.
-  while (flood_sent.load() < (8u << 20)) std::this_thread::sleep_for(1ms);
+  // Let the flood get going before measuring; a flood that stalls fails here, after the threads
+  // are stopped, instead of hanging until ctest's timeout.
+  if (flood_going.wait_for(30s) != std::future_status::ready || flood_sent.load() < kWarmUp) {
+    const auto sent = flood_sent.load();
+    stop_flood = true;
+    flooder.join();
+    server.stop();
+    CAPTURE(sent);
+    FAIL("the flood did not reach 8 MiB within 30 s (stalled or failed)");
+  }
 
   // The small clients: each sends a 64-byte request, waits for the whole echo, and repeats.
   std::vector<reactor::UniqueFd> clients;
