@@ -107,8 +107,10 @@ TEST_CASE("a handle to a closed connection is rejected, even after its slot is r
   const auto stale = handles[0];
   CHECK(stale == first.handle());
   CHECK(stale.is_current());
-  CHECK_FALSE(stale.send("hello"));
+  CHECK_FALSE(stale.send("hello"));  // outside the loop: posted, sent by the next run
   char buffer[16];
+  CHECK(::read(peer_a.get(), buffer, sizeof buffer) == -1);
+  loop.run_once(0ms);
   CHECK(::read(peer_a.get(), buffer, sizeof buffer) == 5);
 
   first.abort();
@@ -125,6 +127,7 @@ TEST_CASE("a handle to a closed connection is rejected, even after its slot is r
   CHECK(reactor::ConnectionHandle<Loop>().send("x") == std::errc::not_connected);
   CHECK(stale.send("x") == std::errc::not_connected);  // same slot, new generation
   CHECK_FALSE(handles[1].send("fresh"));
+  loop.run_once(0ms);
   CHECK(::read(peer_b.get(), buffer, sizeof buffer) == 5);
 }
 
