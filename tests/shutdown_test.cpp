@@ -266,8 +266,9 @@ TEST_CASE(
   int ticks = 0;
   loop.schedule_every(10ms, [&] { ++ticks; });
   bool posted = false;
+  const int failing_fd = failing_peer.get();  // (clang 14 cannot capture structured bindings)
   loop.schedule_after(20ms, [&] {
-    REQUIRE(::write(failing_peer.get(), "x", 1) == 1);  // its handler throws on it
+    REQUIRE(::write(failing_fd, "x", 1) == 1);  // its handler throws on it
     std::thread([&] { loop.post([&] { posted = true; }); }).join();
   });
   const reactor::ShutdownReport report = loop.shutdown(400ms, 100ms);
@@ -286,9 +287,10 @@ TEST_CASE("a connection adopted during the grace period is served out and counte
   auto [late, late_peer] = test::socket_pair();
   reactor::adopt(loop, std::move(early), CountingEcho{&served});
   reactor::UniqueFd late_socket = std::move(late);
+  const int late_fd = late_peer.get();
   loop.schedule_after(10ms, [&] {
     reactor::adopt(loop, std::move(late_socket), CountingEcho{&served});
-    REQUIRE(::write(late_peer.get(), "hi", 2) == 2);
+    REQUIRE(::write(late_fd, "hi", 2) == 2);
   });
   const reactor::ShutdownReport report = loop.shutdown(30s, 100ms);
   CHECK(report.flushed == 2);
