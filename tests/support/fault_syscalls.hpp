@@ -10,8 +10,11 @@
 // reactor running on another thread sees none. Modelled on fmt's test/posix-mock.h.
 #pragma once
 
+#include <poll.h>
+#include <signal.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
+#include <sys/timerfd.h>
 #include <sys/uio.h>
 
 #include <algorithm>
@@ -23,6 +26,7 @@
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <map>
 #include <optional>
 #include <random>
 #include <span>
@@ -44,6 +48,24 @@ enum class Call : std::size_t {
   kAccept4,
   kShutdown,
   kClose,
+  // Setup and helper calls: matched by their fd argument where they have one, else any fd (-1).
+  kEpollCreate1,
+  kEventfd,
+  kSignalfd,  // matched by its fd argument: -1 for a new signalfd
+  kTimerfdCreate,
+  kTimerfdSettime,
+  kSigprocmask,
+  kSocket,
+  kBind,
+  kListen,
+  kConnect,
+  kPoll,  // matched by the first pollfd's fd
+  kSetsockopt,
+  kGetsockopt,
+  kGetsockname,
+  kGetpeername,
+  kFcntl,
+  kUnlink,
   kCount,  // the number of kinds, not a call
 };
 
@@ -187,6 +209,13 @@ class FaultScript {
       outcome.kind = Outcome::Kind::kCap;
     }
     if (outcome.kind != Outcome::Kind::kPass) ++kind.faults;
+    if (outcome.kind == Outcome::Kind::kFail) {
+      try {
+        script->failures_.push_back({call, fd, outcome.error});
+      } catch (...) {
+        // Out of memory: the log misses one entry.
+      }
+    }
     return outcome;
   }
 
@@ -204,6 +233,97 @@ class FaultScript {
 
   // Non-empty batches shuffled so far.
   std::size_t shuffled_batches() const { return shuffled_; }
+
+  // One failure the script made (a kFail outcome applied to a call).
+  struct Failure {
+    Call call;
+    int fd;
+    int error;
+  };
+  // Every failure made so far, in order: lets a test tie an error it sees to a fault injected on
+  // that fd (random mixes included).
+  const std::vector<Failure>& failures() const { return failures_; }
+
+  // Makes the next epoll_wait report `events` (EPOLLERR, EPOLLHUP, EPOLLIN...) for `fd`, ORed into
+  // the kernel's own entry for it, or as an entry of its own (pointing where the last successful
+  // EPOLL_CTL_ADD/MOD of `fd` under this script pointed). That epoll_wait does not block. An
+  // injection for an fd not registered under this script stays queued.
+  FaultScript& inject_events(int fd, std::uint32_t events) {
+    injections_.push_back({fd, events});
+    return *this;
+  }
+  // Injected entries delivered so far.
+  std::size_t injected_events() const { return injected_; }
+  // Injections still queued.
+  std::size_t pending_injections() const { return injections_.size(); }
+
+  // Makes the next getsockopt(fd, SOL_SOCKET, SO_ERROR) succeed reporting `error` (as the kernel
+  // does for a socket with a pending error), without asking the kernel.
+  FaultScript& socket_error(int fd, int error) {
+    socket_errors_[fd] = error;
+    return *this;
+  }
+
+  // Used by FaultSyscalls: the registrations seen, and the batch hooks.
+  static void registered(int op, int fd, const epoll_event* event) noexcept {
+    FaultScript* script = active();
+    if (script == nullptr) return;
+    try {
+      if (op == EPOLL_CTL_DEL) {
+        script->registrations_.erase(fd);
+      } else if (event != nullptr) {
+        script->registrations_[fd] = event->data;
+      }
+    } catch (...) {
+      // Out of memory in a test: the fd just cannot be injected into.
+    }
+  }
+  // True when events are queued for injection (the coming epoll_wait should not block).
+  static bool injecting() noexcept {
+    FaultScript* script = active();
+    return script != nullptr && !script->injections_.empty();
+  }
+  // Merges queued injections into a batch of `count` events (capacity `capacity`); returns the
+  // new count.
+  static int inject(epoll_event* events, int count, int capacity) noexcept {
+    FaultScript* script = active();
+    if (script == nullptr || script->injections_.empty()) return count;
+    auto& queue = script->injections_;
+    for (auto it = queue.begin(); it != queue.end();) {
+      const auto registration = script->registrations_.find(it->fd);
+      if (registration == script->registrations_.end()) {
+        ++it;
+        continue;
+      }
+      bool merged = false;
+      for (int i = 0; i < count; ++i) {
+        if (events[i].data.u64 == registration->second.u64) {
+          events[i].events |= it->events;
+          merged = true;
+          break;
+        }
+      }
+      if (!merged) {
+        if (count == capacity) break;  // the next epoll_wait takes it
+        events[count].events = it->events;
+        events[count].data = registration->second;
+        ++count;
+      }
+      ++script->injected_;
+      it = queue.erase(it);
+    }
+    return count;
+  }
+  // The scripted SO_ERROR for `fd`, consumed; nullopt when none is queued.
+  static std::optional<int> take_socket_error(int fd) noexcept {
+    FaultScript* script = active();
+    if (script == nullptr) return std::nullopt;
+    const auto it = script->socket_errors_.find(fd);
+    if (it == script->socket_errors_.end()) return std::nullopt;
+    const int error = it->second;
+    script->socket_errors_.erase(it);
+    return error;
+  }
 
  private:
   struct PerCall {
@@ -240,9 +360,18 @@ class FaultScript {
   BatchRewrite rewrite_;
   Chooser chooser_;
   std::size_t shuffled_ = 0;
+  std::vector<Failure> failures_;
+  struct Injection {
+    int fd;
+    std::uint32_t events;
+  };
+  std::deque<Injection> injections_;
+  std::size_t injected_ = 0;
+  std::map<int, epoll_data_t> registrations_;
+  std::map<int, int> socket_errors_;
 };
 
-// The syscall policy: LinuxSyscalls, with the calls above routed through the current script.
+// The syscall policy: LinuxSyscalls, with every call routed through the current script.
 struct FaultSyscalls : reactor::LinuxSyscalls {
   using Base = reactor::LinuxSyscalls;
 
@@ -250,13 +379,18 @@ struct FaultSyscalls : reactor::LinuxSyscalls {
     const Outcome o = FaultScript::take(Call::kEpollWait, epfd);
     if (o.kind == Outcome::Kind::kFail) return failed(o);
     if (o.kind == Outcome::Kind::kCap) max_events = static_cast<int>(capped(max_events, o));
-    const int n = Base::epoll_wait(epfd, events, max_events, timeout_ms);
+    const bool injecting = FaultScript::injecting();
+    int n = Base::epoll_wait(epfd, events, max_events, injecting ? 0 : timeout_ms);
+    if (injecting && n >= 0) n = FaultScript::inject(events, n, max_events);
     FaultScript::reorder(events, n);
     return n;
   }
   static int epoll_ctl(int epfd, int op, int fd, epoll_event* event) noexcept {
     const Outcome o = FaultScript::take(Call::kEpollCtl, fd);
-    return o.kind == Outcome::Kind::kFail ? failed(o) : Base::epoll_ctl(epfd, op, fd, event);
+    if (o.kind == Outcome::Kind::kFail) return failed(o);
+    const int result = Base::epoll_ctl(epfd, op, fd, event);
+    if (result == 0) FaultScript::registered(op, fd, event);
+    return result;
   }
   static ssize_t read(int fd, void* buffer, std::size_t size) noexcept {
     const Outcome o = FaultScript::take(Call::kRead, fd);
@@ -301,8 +435,98 @@ struct FaultSyscalls : reactor::LinuxSyscalls {
   // before the error is reported), so a retrying caller would close the wrong fd.
   static int close(int fd) noexcept {
     const Outcome o = FaultScript::take(Call::kClose, fd);
+    FaultScript::registered(EPOLL_CTL_DEL, fd, nullptr);  // closing leaves every epoll set
     const int result = Base::close(fd);
     return o.kind == Outcome::Kind::kFail ? failed(o) : result;
+  }
+
+  // Setup and helper calls: a kFail outcome fails them without reaching the kernel (nothing is
+  // created), any other outcome passes through.
+  static int epoll_create1(int flags) noexcept {
+    const Outcome o = FaultScript::take(Call::kEpollCreate1, -1);
+    return o.kind == Outcome::Kind::kFail ? failed(o) : Base::epoll_create1(flags);
+  }
+  static int eventfd(unsigned initial, int flags) noexcept {
+    const Outcome o = FaultScript::take(Call::kEventfd, -1);
+    return o.kind == Outcome::Kind::kFail ? failed(o) : Base::eventfd(initial, flags);
+  }
+  static int signalfd(int fd, const sigset_t* mask, int flags) noexcept {
+    const Outcome o = FaultScript::take(Call::kSignalfd, fd);
+    return o.kind == Outcome::Kind::kFail ? failed(o) : Base::signalfd(fd, mask, flags);
+  }
+  static int timerfd_create(int clock, int flags) noexcept {
+    const Outcome o = FaultScript::take(Call::kTimerfdCreate, -1);
+    return o.kind == Outcome::Kind::kFail ? failed(o) : Base::timerfd_create(clock, flags);
+  }
+  static int timerfd_settime(int fd, int flags, const itimerspec* value, itimerspec* old) noexcept {
+    const Outcome o = FaultScript::take(Call::kTimerfdSettime, fd);
+    return o.kind == Outcome::Kind::kFail ? failed(o)
+                                          : Base::timerfd_settime(fd, flags, value, old);
+  }
+  static int sigprocmask(int how, const sigset_t* set, sigset_t* old) noexcept {
+    const Outcome o = FaultScript::take(Call::kSigprocmask, -1);
+    return o.kind == Outcome::Kind::kFail ? failed(o) : Base::sigprocmask(how, set, old);
+  }
+  static int socket(int domain, int type, int protocol) noexcept {
+    const Outcome o = FaultScript::take(Call::kSocket, -1);
+    return o.kind == Outcome::Kind::kFail ? failed(o) : Base::socket(domain, type, protocol);
+  }
+  static int bind(int fd, const sockaddr* address, socklen_t length) noexcept {
+    const Outcome o = FaultScript::take(Call::kBind, fd);
+    return o.kind == Outcome::Kind::kFail ? failed(o) : Base::bind(fd, address, length);
+  }
+  static int listen(int fd, int backlog) noexcept {
+    const Outcome o = FaultScript::take(Call::kListen, fd);
+    return o.kind == Outcome::Kind::kFail ? failed(o) : Base::listen(fd, backlog);
+  }
+  // EINTR and EINPROGRESS mean the connection attempt goes on without the caller (connect(2)), so
+  // a scripted one of those starts the real connect first and then reports the error; any other
+  // scripted error fails the call without reaching the kernel.
+  static int connect(int fd, const sockaddr* address, socklen_t length) noexcept {
+    const Outcome o = FaultScript::take(Call::kConnect, fd);
+    if (o.kind != Outcome::Kind::kFail) return Base::connect(fd, address, length);
+    if (o.error == EINTR || o.error == EINPROGRESS) {
+      if (Base::connect(fd, address, length) != 0 && errno != EINPROGRESS) return -1;
+    }
+    return failed(o);
+  }
+  static int poll(pollfd* fds, nfds_t count, int timeout_ms) noexcept {
+    const Outcome o = FaultScript::take(Call::kPoll, count > 0 ? fds[0].fd : -1);
+    return o.kind == Outcome::Kind::kFail ? failed(o) : Base::poll(fds, count, timeout_ms);
+  }
+  static int setsockopt(int fd, int level, int name, const void* value, socklen_t length) noexcept {
+    const Outcome o = FaultScript::take(Call::kSetsockopt, fd);
+    return o.kind == Outcome::Kind::kFail ? failed(o)
+                                          : Base::setsockopt(fd, level, name, value, length);
+  }
+  // A socket error queued with FaultScript::socket_error() answers the next SO_ERROR query.
+  static int getsockopt(int fd, int level, int name, void* value, socklen_t* length) noexcept {
+    const Outcome o = FaultScript::take(Call::kGetsockopt, fd);
+    if (o.kind == Outcome::Kind::kFail) return failed(o);
+    if (level == SOL_SOCKET && name == SO_ERROR && *length >= sizeof(int)) {
+      if (const std::optional<int> error = FaultScript::take_socket_error(fd)) {
+        *static_cast<int*>(value) = *error;
+        *length = sizeof(int);
+        return 0;
+      }
+    }
+    return Base::getsockopt(fd, level, name, value, length);
+  }
+  static int getsockname(int fd, sockaddr* address, socklen_t* length) noexcept {
+    const Outcome o = FaultScript::take(Call::kGetsockname, fd);
+    return o.kind == Outcome::Kind::kFail ? failed(o) : Base::getsockname(fd, address, length);
+  }
+  static int getpeername(int fd, sockaddr* address, socklen_t* length) noexcept {
+    const Outcome o = FaultScript::take(Call::kGetpeername, fd);
+    return o.kind == Outcome::Kind::kFail ? failed(o) : Base::getpeername(fd, address, length);
+  }
+  static int fcntl(int fd, int command, int argument) noexcept {
+    const Outcome o = FaultScript::take(Call::kFcntl, fd);
+    return o.kind == Outcome::Kind::kFail ? failed(o) : Base::fcntl(fd, command, argument);
+  }
+  static int unlink(const char* path) noexcept {
+    const Outcome o = FaultScript::take(Call::kUnlink, -1);
+    return o.kind == Outcome::Kind::kFail ? failed(o) : Base::unlink(path);
   }
 
  private:
