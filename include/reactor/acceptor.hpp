@@ -15,6 +15,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 
 #include <algorithm>
 #include <chrono>
@@ -83,8 +84,11 @@ class Acceptor : private detail::Watcher {
     loop_->remove(*this);
     Sys::close(std::exchange(fd, -1));
     if (local_.is_unix() && options_.unlink_on_close) {
-      const std::string path = local_.host();
-      if (!path.empty() && path.front() != '@') Sys::unlink(path.c_str());
+      // Straight from the sockaddr, which Endpoint keeps NUL-terminated: close() is noexcept and
+      // must not allocate (a std::string copy could throw bad_alloc into std::terminate). An
+      // abstract name starts with NUL and has no file.
+      const char* path = reinterpret_cast<const sockaddr_un*>(local_.data())->sun_path;
+      if (path[0] != '\0') Sys::unlink(path);
     }
   }
 
