@@ -119,8 +119,8 @@ TEMPLATE_TEST_CASE("a graceful stop echoes every byte the peers had in flight, t
   constexpr std::size_t kBytes = 4 << 20;
   const bool half_close = GENERATE(true, false);
   CAPTURE(half_close);
-  Loop loop;
   Served served;
+  Loop loop;
   reactor::Acceptor<CountingEcho, Loop> acceptor(loop, reactor::Endpoint::parse("127.0.0.1:0"),
                                                  CountingEcho{&served});
   std::vector<test::Peer> peers = connect_peers(acceptor.local_endpoint(), kPeers);
@@ -167,8 +167,8 @@ TEMPLATE_TEST_CASE(
     "deadline",
     "[shutdown]", reactor::LevelTriggered, reactor::EdgeTriggered) {
   using Loop = reactor::Reactor<TestType>;
-  Loop loop;
   Served served;
+  Loop loop;
   std::vector<test::Peer> peers;
   for (int i = 0; i < 5; ++i) {
     auto [server, client] = test::socket_pair();
@@ -194,8 +194,8 @@ TEMPLATE_TEST_CASE(
 TEMPLATE_TEST_CASE("a stop during the grace period aborts what is left at once, without spinning",
                    "[shutdown]", reactor::LevelTriggered, reactor::EdgeTriggered) {
   using Loop = reactor::Reactor<TestType>;
-  Loop loop;
   Served served;
+  Loop loop;
   auto [server, client] = test::socket_pair();  // the peer never reads
   auto& connection = reactor::adopt(loop, std::move(server), CountingEcho{&served});
   const std::string big = test::pattern(4 << 20);
@@ -215,8 +215,8 @@ TEMPLATE_TEST_CASE("a stop during the grace period aborts what is left at once, 
 }
 
 TEST_CASE("a stop from another thread during the grace period ends it", "[shutdown][threads]") {
-  reactor::Reactor<> loop;
   Served served;
+  reactor::Reactor<> loop;
   auto [server, client] = test::socket_pair();
   auto& connection = reactor::adopt(loop, std::move(server), CountingEcho{&served});
   CHECK(connection.send(test::pattern(4 << 20)));
@@ -281,8 +281,8 @@ TEST_CASE(
 }
 
 TEST_CASE("a connection adopted during the grace period is served out and counted", "[shutdown]") {
-  reactor::Reactor<> loop;
   Served served;
+  reactor::Reactor<> loop;
   auto [early, early_peer] = test::socket_pair();
   auto [late, late_peer] = test::socket_pair();
   reactor::adopt(loop, std::move(early), CountingEcho{&served});

@@ -42,8 +42,9 @@ concept SyscallPolicy = requires(int fd, void* buffer, const void* data, std::si
 // A connection handler: the one required hook is
 //   on_data(Connection& c, std::string_view bytes)
 // returning void (every byte consumed) or an integer count of the bytes consumed (the rest is kept
-// and handed over again, followed by new bytes, on the next call; a count past the size means
-// all). bool is refused: `true` would read as "consumed one byte".
+// and handed over again, followed by new bytes, when more arrive — not before, so consume every
+// complete frame in one call; what is left at the peer's EOF is dropped as an incomplete frame; a
+// count past the size, or negative, means all). bool is refused: `true` would read as "consumed one byte".
 template <class H, class Conn>
 concept ConnectionHandler = requires(H& handler, Conn& connection, std::string_view bytes) {
   handler.on_data(connection, bytes);
@@ -98,7 +99,7 @@ struct AnyArgument {
   operator T&() const noexcept;
 };
 
-// A member called `name` that can be called with 0 to 3 arguments of any type, or whose address
+// A member called `name` that can be called with 0 to 5 arguments of any type, or whose address
 // can be taken: the handler meant to define that hook.
 #define REACTOR_DETAIL_NAMES_HOOK(name)                   \
   template <class H>                                      \
@@ -113,6 +114,12 @@ struct AnyArgument {
   }                                                       \
   || requires(H & h, AnyArgument a) {                     \
     h.name(a, a, a);                                      \
+  }                                                       \
+  || requires(H & h, AnyArgument a) {                     \
+    h.name(a, a, a, a);                                   \
+  }                                                       \
+  || requires(H & h, AnyArgument a) {                     \
+    h.name(a, a, a, a, a);                                \
   }                                                       \
   || requires {                                           \
     &H::name;                                             \

@@ -241,6 +241,11 @@ class Connection final : private detail::OwnedWatcher {
                           bool tcp, std::error_code& ec) noexcept {
     static_assert(check_handler<Handler, Connection>());
     ec.clear();
+    if (loop.destroying()) {  // an on_close adopting while the reactor is destroyed
+      Sys::close(fd);
+      ec = std::make_error_code(std::errc::operation_canceled);
+      return nullptr;
+    }
     Connection* connection = nullptr;
     try {
       connection = new Connection(loop, fd, std::move(handler), options);
@@ -358,6 +363,12 @@ class Connection final : private detail::OwnedWatcher {
   }
 
   void handle_events(std::uint32_t events) noexcept {
+    if (phase_ == Phase::kLingering) {
+      // Everything was delivered and FIN sent: an error now (the peer's RST) only ends the wait,
+      // as its EOF would; discard_input() reads it and closes with an empty reason.
+      discard_input();
+      return;
+    }
     if ((events & EPOLLERR) != 0) {
       int error = 0;
       socklen_t length = sizeof error;
@@ -373,10 +384,6 @@ class Connection final : private detail::OwnedWatcher {
       // TCP urgent data: a read stops short at the urgent mark with more bytes behind it
       // (tcp_recvmsg), so from now on this connection reads until EAGAIN.
       if ((events & EPOLLPRI) != 0) flags_ &= ~kShortReadDrains;
-    }
-    if (phase_ == Phase::kLingering) {
-      discard_input();
-      return;
     }
     if ((events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) != 0 && reading_enabled()) {
       read_some(true);

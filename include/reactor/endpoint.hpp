@@ -21,6 +21,16 @@
 
 namespace reactor {
 
+namespace detail {
+
+// An integer type std::in_range accepts: not bool, not a character type.
+template <class T>
+concept PortInteger = std::integral<T> && !std::same_as<T, bool> && !std::same_as<T, char> &&
+                      !std::same_as<T, wchar_t> && !std::same_as<T, char8_t> &&
+                      !std::same_as<T, char16_t> && !std::same_as<T, char32_t>;
+
+}  // namespace detail
+
 class Endpoint {
  public:
   // An empty endpoint (family AF_UNSPEC).
@@ -29,9 +39,8 @@ class Endpoint {
   // An IPv4 or IPv6 endpoint from a numeric host ("127.0.0.1", "::1", "[::1]"; "localhost" means
   // 127.0.0.1) and a port of any integer type. Sets ec to invalid_argument on a malformed host or
   // a port outside 0..65535 (never narrowed to 16 bits).
-  template <std::integral Port>
-  requires(!std::same_as<Port, bool>) static Endpoint
-      from_host_port(std::string_view host, Port port, std::error_code& ec) noexcept {
+  template <detail::PortInteger Port>
+  static Endpoint from_host_port(std::string_view host, Port port, std::error_code& ec) noexcept {
     if (!std::in_range<std::uint16_t>(port)) {
       ec = std::make_error_code(std::errc::invalid_argument);
       return {};
@@ -40,9 +49,8 @@ class Endpoint {
   }
 
   // Throwing overload: std::system_error naming "parse endpoint".
-  template <std::integral Port>
-  requires(!std::same_as<Port, bool>) static Endpoint
-      from_host_port(std::string_view host, Port port) {
+  template <detail::PortInteger Port>
+  static Endpoint from_host_port(std::string_view host, Port port) {
     std::error_code ec;
     Endpoint ep = from_host_port(host, port, ec);
     detail::throw_if(ec, "parse endpoint");

@@ -23,6 +23,7 @@
 #include <new>
 #include <string_view>
 #include <system_error>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -72,18 +73,26 @@ struct ShutdownReport {
 
 namespace detail {
 
-// `start + delay`, saturated at the clock's range instead of overflowing.
-inline std::chrono::steady_clock::time_point saturating_add(
+// `start + delay`, saturated at the clock's range instead of overflowing. The comparison is made
+// in the delay's own unit (hours::max() would overflow on conversion to nanoseconds), so any
+// duration no finer than the clock's is accepted.
+template <class Rep, class Period>
+std::chrono::steady_clock::time_point saturating_add(
     std::chrono::steady_clock::time_point start,
-    std::chrono::steady_clock::duration delay) noexcept {
+    std::chrono::duration<Rep, Period> delay) noexcept {
   using Clock = std::chrono::steady_clock;
-  if (delay > Clock::duration::zero() && start > Clock::time_point::max() - delay) {
+  using Delay = std::chrono::duration<Rep, Period>;
+  static_assert(std::is_convertible_v<Delay, Clock::duration>,
+                "reactor: durations finer than the steady clock's are not supported");
+  if (delay > Delay::zero() &&
+      delay >= std::chrono::duration_cast<Delay>(Clock::time_point::max() - start)) {
     return Clock::time_point::max();
   }
-  if (delay < Clock::duration::zero() && start < Clock::time_point::min() - delay) {
+  if (delay < Delay::zero() &&
+      delay <= std::chrono::duration_cast<Delay>(Clock::time_point::min() - start)) {
     return Clock::time_point::min();
   }
-  return start + delay;
+  return start + std::chrono::duration_cast<Clock::duration>(delay);
 }
 
 // The reactors this thread is running, innermost first (asio's call_stack): "am I on the loop
@@ -137,14 +146,21 @@ class Reactor {
   // empty reason if it had flushed everything and was only lingering for the peer's FIN), drops
   // posted work that has not run and pending timers, then closes its fds. Acceptors and watchers
   // must be destroyed before their reactor.
+  // on_close callbacks run as inside the loop (run_once()/shutdown() from them are refused), and a
+  // connection they try to adopt meanwhile is refused with operation_canceled.
   ~Reactor() {
-    // on_close callbacks could adopt new connections; a bounded number of rounds catches those.
-    for (int round = 0; round < 8 && !connections_.empty(); ++round) {
+    std::error_code running;  // set only if destroyed from inside its own loop: undefined anyway
+    RunScope scope(*this, running);
+    destroying_ = true;
+    while (!connections_.empty()) {
       for_each_open_connection(detail::WatcherOp::kAbort);
       finalize_closed();
     }
     close_fds();
   }
+
+  // True while the destructor runs (Connection::open refuses new connections then).
+  bool destroying() const noexcept { return destroying_; }
 
   // Runs the loop until stop() is called. A stop() that happened before run() makes it return at
   // once; either way the stop request is consumed, so run() can be called again. Throws
@@ -225,8 +241,8 @@ class Reactor {
   // schedule, cancel and fire, and one timerfd for all of them. Throw std::bad_alloc, or
   // std::system_error naming "timerfd_create" when the first timer cannot get its fd. There is no
   // error_code overload: they fail only for lack of memory or fds. Loop thread only.
-  template <class F>
-  TimerId schedule_after(Clock::duration delay, F&& callback) {
+  template <class Rep, class Period, class F>
+  TimerId schedule_after(std::chrono::duration<Rep, Period> delay, F&& callback) {
     return schedule(detail::saturating_add(Clock::now(), delay), Clock::duration::zero(),
                     std::forward<F>(callback));
   }
@@ -235,12 +251,18 @@ class Reactor {
     return schedule(due, Clock::duration::zero(), std::forward<F>(callback));
   }
   // Runs every `period` (first after one period) at start + k * period, without drift; a period
-  // missed because the loop was busy is skipped, not run twice.
-  template <class F>
-  TimerId schedule_every(Clock::duration period, F&& callback) {
-    period = std::max<Clock::duration>(period, std::chrono::microseconds(1));
-    return schedule(detail::saturating_add(Clock::now(), period), period,
-                    std::forward<F>(callback));
+  // missed because the loop was busy is skipped, not run twice. A period under 1 µs (zero or
+  // negative included) is raised to 1 µs: such a timer runs on every loop iteration. A period past
+  // the clock's range never fires.
+  template <class Rep, class Period, class F>
+  TimerId schedule_every(std::chrono::duration<Rep, Period> every, F&& callback) {
+    const auto now = Clock::now();
+    if (detail::saturating_add(now, every) == Clock::time_point::max()) {
+      return schedule(Clock::time_point::max(), Clock::duration::max(), std::forward<F>(callback));
+    }
+    const Clock::duration period = std::max<Clock::duration>(
+        std::chrono::duration_cast<Clock::duration>(every), std::chrono::microseconds(1));
+    return schedule(now + period, period, std::forward<F>(callback));
   }
 
   // Cancels a timer; returns false if it already ran (one-shot) or was cancelled. Safe from any
@@ -291,7 +313,8 @@ class Reactor {
     }
     now_ = Clock::now();
     drain_started_ = now_;
-    drain_quiet_ = std::max(quiet, std::chrono::milliseconds(0));
+    drain_quiet_ = std::clamp(quiet, std::chrono::milliseconds(0),
+                              std::chrono::milliseconds(std::chrono::hours(24 * 365)));
     shutdown_report_ = &report;
     for_each_open_connection(detail::WatcherOp::kDrain);
     finalize_closed();
@@ -594,6 +617,9 @@ class Reactor {
         detail::throw_error(ec, "epoll_ctl");
       }
     }
+    // Until now nothing was timed, so now_ was not being refreshed (and now() read the clock);
+    // refresh it, so that now() and the connections' stamps stay current from here on.
+    if (timers_.empty() && fd_waiters_.empty()) now_ = Clock::now();
     const TimerId id = timers_.add(due, period, detail::Task(std::forward<F>(callback)));
     deferred_ |= kTimerWork;
     arm_timer();
@@ -670,6 +696,7 @@ class Reactor {
 
   // Called by an acceptor out of fds: resume it at `due` or when a connection closes.
   void wait_for_fds(detail::FdWaiter& waiter, Clock::time_point due) noexcept {
+    if (timers_.empty() && fd_waiters_.empty()) now_ = Clock::now();  // as in schedule()
     waiter.unlink();
     waiter.due = due;
     fd_waiters_.push_back(waiter);
@@ -774,6 +801,7 @@ class Reactor {
   bool timerfd_unarmed_ = false;  // the last timerfd_settime failed: epoll_wait's timeout stands in
   ShutdownReport* shutdown_report_ = nullptr;  // set while shutdown() runs
   bool aborting_ = false;                      // shutdown() is aborting what is left
+  bool destroying_ = false;                    // the destructor runs
   Clock::time_point drain_started_{};
   std::chrono::milliseconds drain_quiet_{kDefaultQuietPeriod};
   std::mutex post_mutex_;
