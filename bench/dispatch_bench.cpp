@@ -261,8 +261,12 @@ void close_registered(benchmark::State& state, bool del) {
   }
   ::close(epoll_fd);
 }
-void BM_CloseRegistered_NoDel(benchmark::State& state) { close_registered(state, false); }
-void BM_CloseRegistered_Del(benchmark::State& state) { close_registered(state, true); }
+void BM_CloseRegistered_NoDel(benchmark::State& state) {
+  close_registered(state, false);
+}
+void BM_CloseRegistered_Del(benchmark::State& state) {
+  close_registered(state, true);
+}
 BENCHMARK(BM_CloseRegistered_NoDel);
 BENCHMARK(BM_CloseRegistered_Del);
 

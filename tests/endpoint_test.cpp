@@ -74,8 +74,7 @@ TEST_CASE("endpoints compare equal by address", "[endpoint]") {
 }
 
 // Before: the port parameter was std::uint16_t, so 70000 silently became 4464.
-TEST_CASE("from_host_port rejects ports outside 0..65535 instead of narrowing them",
-          "[endpoint]") {
+TEST_CASE("from_host_port rejects ports outside 0..65535 instead of narrowing them", "[endpoint]") {
   std::error_code ec;
   CHECK(Endpoint::from_host_port("127.0.0.1", 65535, ec).port() == 65535);
   CHECK_FALSE(ec);

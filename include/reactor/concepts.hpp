@@ -44,7 +44,8 @@ concept SyscallPolicy = requires(int fd, void* buffer, const void* data, std::si
 // returning void (every byte consumed) or an integer count of the bytes consumed (the rest is kept
 // and handed over again, followed by new bytes, when more arrive — not before, so consume every
 // complete frame in one call; what is left at the peer's EOF is dropped as an incomplete frame; a
-// count past the size, or negative, means all). bool is refused: `true` would read as "consumed one byte".
+// count past the size, or negative, means all). bool is refused: `true` would read as "consumed one
+// byte".
 template <class H, class Conn>
 concept ConnectionHandler = requires(H& handler, Conn& connection, std::string_view bytes) {
   handler.on_data(connection, bytes);
