@@ -159,9 +159,6 @@ class Reactor {
     close_fds();
   }
 
-  // True while the destructor runs (Connection::open refuses new connections then).
-  bool destroying() const noexcept { return destroying_; }
-
   // Runs the loop until stop() is called. A stop() that happened before run() makes it return at
   // once; either way the stop request is consumed, so run() can be called again. Throws
   // std::system_error ("epoll_wait", or "run" when called from a callback or while another thread
@@ -169,10 +166,7 @@ class Reactor {
   void run() {
     std::error_code ec;
     run(ec);
-    // Only on failure, and by address: no call on the category object, which UBSan's vptr check
-    // would probe through a pipe (impossible while the process is out of fds).
-    if (ec)
-      detail::throw_error(ec, &ec.category() == &std::generic_category() ? "run" : "epoll_wait");
+    if (ec) throw_run_error(ec, "run");
   }
 
   // As above; returns with `ec` set if epoll_wait fails with anything but EINTR, or at once with
@@ -198,10 +192,7 @@ class Reactor {
   std::size_t run_once(std::chrono::milliseconds timeout = std::chrono::milliseconds(-1)) {
     std::error_code ec;
     const std::size_t n = run_once(timeout, ec);
-    if (ec) {
-      detail::throw_error(ec,
-                          &ec.category() == &std::generic_category() ? "run_once" : "epoll_wait");
-    }
+    if (ec) throw_run_error(ec, "run_once");
     return n;
   }
 
@@ -355,12 +346,7 @@ class Reactor {
     return control(EPOLL_CTL_MOD, watcher, events);
   }
   void remove(detail::Watcher& watcher) noexcept {
-    if (watcher.registered) {
-      epoll_event event{};
-      Sys::epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, watcher.fd, &event);
-      watcher.registered = false;
-      watcher.interest = 0;
-    }
+    deregister(watcher);
     forget(watcher);
   }
 
@@ -468,6 +454,19 @@ class Reactor {
     detail::RunFrame frame_{};
     bool active_ = false;
   };
+
+  // run()/run_once() failed: "epoll_wait" for its errors, `call` for being refused. Only on
+  // failure, and comparing categories by address: no call on the category object, which UBSan's
+  // vptr check would probe through a pipe (impossible while the process is out of fds).
+  [[noreturn]] static void throw_run_error(const std::error_code& ec, const char* call) {
+    detail::throw_error(ec, &ec.category() == &std::generic_category() ? call : "epoll_wait");
+  }
+
+  // Something is about to be timed. While nothing was, the loop did not refresh now_ (and now()
+  // read the clock instead); refresh it, so that now() and the connections' stamps are current.
+  void start_timing() noexcept {
+    if (timers_.empty() && fd_waiters_.empty()) now_ = Clock::now();
+  }
 
   static int clamp_ms(std::chrono::milliseconds timeout) noexcept {
     return static_cast<int>(std::min<std::int64_t>(timeout.count(), 1 << 30));
@@ -623,9 +622,7 @@ class Reactor {
         detail::throw_error(ec, "epoll_ctl");
       }
     }
-    // Until now nothing was timed, so now_ was not being refreshed (and now() read the clock);
-    // refresh it, so that now() and the connections' stamps stay current from here on.
-    if (timers_.empty() && fd_waiters_.empty()) now_ = Clock::now();
+    start_timing();
     const TimerId id = timers_.add(due, period, detail::Task(std::forward<F>(callback)));
     deferred_ |= kTimerWork;
     arm_timer();
@@ -702,7 +699,7 @@ class Reactor {
 
   // Called by an acceptor out of fds: resume it at `due` or when a connection closes.
   void wait_for_fds(detail::FdWaiter& waiter, Clock::time_point due) noexcept {
-    if (timers_.empty() && fd_waiters_.empty()) now_ = Clock::now();  // as in schedule()
+    start_timing();
     waiter.unlink();
     waiter.due = due;
     fd_waiters_.push_back(waiter);
@@ -756,6 +753,9 @@ class Reactor {
   // True on the thread inside this reactor's run(), run_once() or shutdown() (callbacks
   // included), false everywhere else, the creating thread included while the loop is not run.
   bool on_loop_thread() const noexcept { return detail::running_in_this_thread(this); }
+
+  // True while the destructor runs (Connection::open refuses new connections then).
+  bool destroying() const noexcept { return destroying_; }
 
   // A connection closed during shutdown(): count it in the report.
   void count_shutdown_close(const std::error_code& reason) noexcept {
