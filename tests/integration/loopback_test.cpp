@@ -250,25 +250,6 @@ TEMPLATE_TEST_CASE("close with unread input delivers the whole response and a FI
   CHECK(test::open_fd_count() == fds_before);
 }
 
-namespace {
-
-struct ByeAndClose {
-  Log* log;
-  void on_data(auto& connection, std::string_view bytes) {
-    log->received.append(bytes);
-    connection.send("bye");
-    log->close_called = std::chrono::steady_clock::now();
-    connection.close();
-  }
-  void on_close(auto& /*connection*/, std::error_code reason) {
-    ++log->closes;
-    log->reason = reason;
-    log->closed_at = std::chrono::steady_clock::now();
-  }
-};
-
-}  // namespace
-
 TEMPLATE_TEST_CASE("a peer that never sends its FIN is closed after linger_timeout, once",
                    "[integration][tcp][close][linger]", reactor::LevelTriggered,
                    reactor::EdgeTriggered) {
@@ -278,8 +259,8 @@ TEMPLATE_TEST_CASE("a peer that never sends its FIN is closed after linger_timeo
   loop.schedule_after(1h, [] {});  // the timerfd exists before the fd baseline
   reactor::ListenOptions options;
   options.connection.linger_timeout = kLinger;
-  reactor::Acceptor<ByeAndClose, decltype(loop)> acceptor(
-      loop, reactor::Endpoint::parse("127.0.0.1:0"), ByeAndClose{&log}, options);
+  reactor::Acceptor<RespondAndClose, decltype(loop)> acceptor(
+      loop, reactor::Endpoint::parse("127.0.0.1:0"), RespondAndClose{&log, "bye"}, options);
   const std::size_t fds_before = test::open_fd_count();
   test::Peer peer(reactor::connect(acceptor.local_endpoint()));
   peer.to_send = "hi";
