@@ -1771,13 +1771,16 @@ TEMPLATE_TEST_CASE("a close() that fails is never retried and releases the fd", 
   CAPTURE(error);
   Record record;
   FaultScript script;
+  // Declared before the reactor: the chooser below reads them, and the reactor's destructor still
+  // closes its own fds through the script.
+  int fd = -1;
+  std::size_t closes_of_fd = 0;
   FaultReactor<TestType> loop;
   const std::size_t fds_before = test::open_fd_count();
   auto adopted = adopt_pair(loop, record);
   auto* connection = adopted.connection;
   test::Peer& peer = adopted.peer;
-  const int fd = connection->native_handle();
-  std::size_t closes_of_fd = 0;
+  fd = connection->native_handle();
   script.choose([&](Call call, int on) {
     if (call == Call::kClose && on == fd) ++closes_of_fd;
     return test::pass();
