@@ -38,22 +38,32 @@ class ConnectionHandle {
   // Sends `bytes` to the connection. Returns not_connected for an empty or stale handle; inside
   // the loop also when the connection refused the bytes (closing, or a failed send, which its
   // on_close reports). Posted bytes are dropped if the connection closes before they are handed
-  // to it, as it would drop anything queued at close.
-  std::error_code send(std::string_view bytes) const {
+  // to it, as it would drop anything queued at close. Outside the loop, not_enough_memory when the
+  // bytes cannot be copied or queued (nothing was sent then).
+  std::error_code send(std::string_view bytes) const noexcept {
     if (!is_current()) return not_connected();
     if (loop_->on_loop_thread()) return send_here(*loop_, index_, generation_, bytes);
-    loop_->post([loop = loop_, index = index_, generation = generation_,
-                 copy = std::string(bytes)] { send_here(*loop, index, generation, copy); });
+    try {
+      loop_->post([loop = loop_, index = index_, generation = generation_,
+                   copy = std::string(bytes)] { send_here(*loop, index, generation, copy); });
+    } catch (...) {  // bad_alloc, or length_error for a view past max_size()
+      return std::make_error_code(std::errc::not_enough_memory);
+    }
     return {};
   }
 
-  // Closes the connection gracefully (flush, then close). not_connected when stale.
-  std::error_code close() const {
+  // Closes the connection gracefully (flush, then close). not_connected when stale;
+  // not_enough_memory when, outside the loop, the request cannot be queued.
+  std::error_code close() const noexcept {
     if (!is_current()) return not_connected();
     if (loop_->on_loop_thread()) return close_here(*loop_, index_, generation_);
-    loop_->post([loop = loop_, index = index_, generation = generation_] {
-      close_here(*loop, index, generation);
-    });
+    try {
+      loop_->post([loop = loop_, index = index_, generation = generation_] {
+        close_here(*loop, index, generation);
+      });
+    } catch (...) {
+      return std::make_error_code(std::errc::not_enough_memory);
+    }
     return {};
   }
 
