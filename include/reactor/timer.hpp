@@ -4,6 +4,7 @@
 // generation. Not thread-safe: timers belong to the reactor thread.
 #pragma once
 
+#include <algorithm>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
@@ -39,6 +40,13 @@ class TimerQueue {
       index = free_head_;
       free_head_ = slots_[index].next_free;
     } else {
+      // The heap never holds more entries than there are slots; keeping room for every slot lets
+      // run_due() put a periodic timer back without allocating, so it never throws (the reactor
+      // calls it from noexcept code, and callbacks may have added timers since the entry was
+      // taken out). Reserved first, so that a failure here changes nothing.
+      if (heap_.capacity() < slots_.size() + 1) {
+        heap_.reserve(std::max<std::size_t>(2 * heap_.capacity(), slots_.size() + 1));
+      }
       index = static_cast<std::uint32_t>(slots_.size());
       slots_.emplace_back();
     }
@@ -74,8 +82,9 @@ class TimerQueue {
   // Runs every timer due at `now`, earliest first (ties in scheduling order). Timers scheduled by
   // these callbacks wait for the next call, even if already due, so a callback cannot starve the
   // loop. A periodic timer is rescheduled at its next due time after `now`, skipping missed
-  // periods. Returns how many callbacks ran. An exception from a callback is counted and dropped.
-  std::size_t run_due(Clock::time_point now) {
+  // periods. Returns how many callbacks ran. An exception from a callback is counted and dropped;
+  // nothing else throws (add() keeps the heap's room for every slot).
+  std::size_t run_due(Clock::time_point now) noexcept {
     const std::uint64_t pass_end = next_sequence_;
     std::size_t ran = 0;
     while (!heap_.empty()) {
