@@ -165,7 +165,7 @@ class Acceptor : private detail::Watcher {
       if (self.fd < 0) return;
       if (const std::error_code ec = self.loop_->modify(self, EPOLLIN)) {
         self.last_error_ = ec;  // still not watching: try again after the next backoff
-        self.loop_->wait_for_fds(self.fd_waiter_, Clock::now() + self.backoff_);
+        self.loop_->wait_for_fds(self.fd_waiter_, detail::clock_now<Sys>() + self.backoff_);
         self.backoff_ = std::min(self.backoff_ * 2, kMaxBackoff);
         return;
       }
@@ -237,7 +237,7 @@ class Acceptor : private detail::Watcher {
       close();
       return;
     }
-    loop_->wait_for_fds(fd_waiter_, Clock::now() + backoff_);
+    loop_->wait_for_fds(fd_waiter_, detail::clock_now<Sys>() + backoff_);
     backoff_ = std::min(backoff_ * 2, kMaxBackoff);
   }
 

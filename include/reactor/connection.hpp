@@ -157,7 +157,7 @@ class Connection final : private detail::OwnedWatcher {
     // The write timeout counts from here. The real clock, not the loop's: outside the loop (before
     // run(), between run_once() calls) the cached one can be arbitrarily old, and the timeout
     // would fire early by that much. Only when output starts queueing, never per message.
-    if (output_.empty()) last_write_ = Clock::now();
+    if (output_.empty()) last_write_ = detail::clock_now<Sys>();
     if (!output_.append(loop_->chunk_pool(), bytes, size)) {
       fail(std::make_error_code(std::errc::not_enough_memory));
       return false;
@@ -262,7 +262,8 @@ class Connection final : private detail::OwnedWatcher {
     const std::uint32_t events =
         kEdge ? EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET | (tcp ? EPOLLPRI : 0u)
               : EPOLLIN | EPOLLRDHUP;
-    if ((ec = loop.add(*connection, events)) || (ec = connection->arm_timeouts(Clock::now()))) {
+    if ((ec = loop.add(*connection, events)) ||
+        (ec = connection->arm_timeouts(detail::clock_now<Sys>()))) {
       connection->discard();
       return nullptr;
     }

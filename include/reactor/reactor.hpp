@@ -240,8 +240,8 @@ class Reactor {
   // error_code overload: they fail only for lack of memory or fds. Loop thread only.
   template <class Rep, class Period, class F>
   TimerId schedule_after(std::chrono::duration<Rep, Period> delay, F&& callback) {
-    return schedule(detail::saturating_add(Clock::now(), delay), Clock::duration::zero(),
-                    std::forward<F>(callback));
+    return schedule(detail::saturating_add(detail::clock_now<Sys>(), delay),
+                    Clock::duration::zero(), std::forward<F>(callback));
   }
   template <class F>
   TimerId schedule_at(Clock::time_point due, F&& callback) {
@@ -253,7 +253,7 @@ class Reactor {
   // the clock's range never fires.
   template <class Rep, class Period, class F>
   TimerId schedule_every(std::chrono::duration<Rep, Period> every, F&& callback) {
-    const auto now = Clock::now();
+    const auto now = detail::clock_now<Sys>();
     if (detail::saturating_add(now, every) == Clock::time_point::max()) {
       return schedule(Clock::time_point::max(), Clock::duration::max(), std::forward<F>(callback));
     }
@@ -271,7 +271,7 @@ class Reactor {
   // The loop's clock: read once per iteration after epoll_wait while timers are pending (what
   // connection timeouts use), otherwise read now.
   Clock::time_point now() const noexcept {
-    return timers_.empty() && fd_waiters_.empty() ? Clock::now() : now_;
+    return timers_.empty() && fd_waiters_.empty() ? detail::clock_now<Sys>() : now_;
   }
 
   // Connections currently owned by this reactor (open, or closed and awaiting on_close).
@@ -308,7 +308,7 @@ class Reactor {
       node->unlink();  // the acceptor's close() would unlink it too; never loop on one
       node->watcher->function(*node->watcher, detail::WatcherOp::kClose, 0, nullptr);
     }
-    now_ = Clock::now();
+    now_ = detail::clock_now<Sys>();
     drain_started_ = now_;
     drain_quiet_ = std::clamp(quiet, std::chrono::milliseconds(0),
                               std::chrono::milliseconds(std::chrono::hours(24 * 365)));
@@ -318,7 +318,8 @@ class Reactor {
     const auto deadline = detail::saturating_add(now_, grace);
     int events = 0;
     while (connection_count_ > 0 && !stop_requested_.exchange(false, std::memory_order_acq_rel)) {
-      const auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - Clock::now());
+      const auto left =
+          std::chrono::ceil<std::chrono::milliseconds>(deadline - detail::clock_now<Sys>());
       if (left.count() <= 0) break;
       if (const int error = poll_once(clamp_ms(left), events)) {
         report.error = detail::errno_code(error);
@@ -400,7 +401,7 @@ class Reactor {
     const int error = wait(wait_timeout(timeout_ms), events);
     // The clock is read only while something is timed (a timer, a connection timeout, an accept
     // backoff): an untimed echo loop pays no clock_gettime per iteration.
-    if ((deferred_ & (kTimerWork | kFdWaiterWork)) != 0) now_ = Clock::now();
+    if ((deferred_ & (kTimerWork | kFdWaiterWork)) != 0) now_ = detail::clock_now<Sys>();
     if (error != 0) return error;
     dispatch(events);
     if (events == batch_capacity_ && events < options_.max_events) grow_events();
@@ -465,7 +466,7 @@ class Reactor {
   // Something is about to be timed. While nothing was, the loop did not refresh now_ (and now()
   // read the clock instead); refresh it, so that now() and the connections' stamps are current.
   void start_timing() noexcept {
-    if (timers_.empty() && fd_waiters_.empty()) now_ = Clock::now();
+    if (timers_.empty() && fd_waiters_.empty()) now_ = detail::clock_now<Sys>();
   }
 
   static int clamp_ms(std::chrono::milliseconds timeout) noexcept {
@@ -478,7 +479,7 @@ class Reactor {
     options_.max_events = std::max(options_.max_events, options_.initial_events);
     options_.read_buffer_size = std::max<std::size_t>(options_.read_buffer_size, 1024);
     options_.max_reads_per_wakeup = std::max(options_.max_reads_per_wakeup, 1);
-    now_ = Clock::now();
+    now_ = detail::clock_now<Sys>();
     what = "epoll_create1";
     epoll_fd_ = Sys::epoll_create1(EPOLL_CLOEXEC);
     if (epoll_fd_ < 0) return detail::last_errno_code();
@@ -542,7 +543,7 @@ class Reactor {
     fd_waiters_.for_each([&](const detail::FdWaiter& w) { due = std::min(due, w.due); });
     if (timerfd_unarmed_ && !timers_.empty()) due = std::min(due, timers_.next_due());
     if (due == Clock::time_point::max()) return timeout_ms;
-    const auto left = std::chrono::ceil<std::chrono::milliseconds>(due - Clock::now());
+    const auto left = std::chrono::ceil<std::chrono::milliseconds>(due - detail::clock_now<Sys>());
     const auto limit =
         timeout_ms < 0 ? std::chrono::milliseconds::max() : std::chrono::milliseconds(timeout_ms);
     return clamp_ms(std::clamp(left, std::chrono::milliseconds(0), limit));
@@ -551,14 +552,15 @@ class Reactor {
   // epoll_wait, retrying EINTR with the remaining time. Returns 0 or the errno of a failure.
   int wait(int timeout_ms, int& events) noexcept {
     Clock::time_point deadline{};
-    if (timeout_ms > 0) deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
+    if (timeout_ms > 0) deadline = detail::clock_now<Sys>() + std::chrono::milliseconds(timeout_ms);
     for (;;) {
       events = Sys::epoll_wait(epoll_fd_, events_.data(), batch_capacity_, timeout_ms);
       if (events >= 0) return 0;
       events = 0;
       if (errno != EINTR) return errno;
       if (timeout_ms > 0) {
-        const auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - Clock::now());
+        const auto left =
+            std::chrono::ceil<std::chrono::milliseconds>(deadline - detail::clock_now<Sys>());
         timeout_ms = static_cast<int>(std::max<std::int64_t>(left.count(), 0));
       }
     }

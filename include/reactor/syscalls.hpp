@@ -9,6 +9,12 @@
 // whose first read finds nothing, which covers a stray EAGAIN there). Functions are static so that
 // a policy costs no storage in the objects that use it; a policy that needs state keeps it itself
 // (thread_local, say).
+//
+// The clock is part of the policy too: a policy may define `static std::chrono::steady_clock::
+// time_point now() noexcept`, and every clock read the library makes (timer deadlines, connection
+// timeouts, shutdown deadlines, accept back-off) goes through it, so a simulated kernel can run
+// virtual time (tests/support/sim_kernel.hpp). Its time points must be the ones timerfd_settime
+// with TFD_TIMER_ABSTIME on CLOCK_MONOTONIC is given. A policy without now() gets steady_clock.
 #pragma once
 
 #include <fcntl.h>
@@ -23,11 +29,17 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <chrono>
+#include <concepts>
 #include <cstddef>
 
 namespace reactor {
 
 struct LinuxSyscalls {
+  // steady_clock is CLOCK_MONOTONIC on Linux (libstdc++ and libc++), the clock the timerfd uses.
+  static std::chrono::steady_clock::time_point now() noexcept {
+    return std::chrono::steady_clock::now();
+  }
   static int epoll_create1(int flags) noexcept { return ::epoll_create1(flags); }
   static int epoll_ctl(int epfd, int op, int fd, epoll_event* event) noexcept {
     return ::epoll_ctl(epfd, op, fd, event);
@@ -99,5 +111,22 @@ struct LinuxSyscalls {
   static int close(int fd) noexcept { return ::close(fd); }
   static int unlink(const char* path) noexcept { return ::unlink(path); }
 };
+
+namespace detail {
+
+// The policy's clock: Sys::now() where the policy has one, else steady_clock.
+template <class Sys>
+std::chrono::steady_clock::time_point clock_now() noexcept {
+  if constexpr (requires {
+                  { Sys::now() }
+                  noexcept->std::same_as<std::chrono::steady_clock::time_point>;
+                }) {
+    return Sys::now();
+  } else {
+    return std::chrono::steady_clock::now();
+  }
+}
+
+}  // namespace detail
 
 }  // namespace reactor
