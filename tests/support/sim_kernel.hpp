@@ -17,15 +17,17 @@
 // API before it has met a user; promoting it is left to the API-reference work.
 //
 // Knowingly different from Linux (docs/reliability.md has the list):
-//   - a connection's two directions each have one queue of `stream_capacity` bytes standing for the
-//     sender's send buffer and the receiver's receive buffer together; nothing is in flight, so a
-//     send is readable at the other end at once (as on loopback), and EPOLLOUT is reported while
-//     the queue is at most 2/3 full (tcp_poll's sk_stream_min_wspace rule, on that one queue);
+//   - each end has a send queue and a receive queue of `stream_capacity` bytes each (counted in
+//     payload bytes, not in skb truesize as Linux counts); nothing is in flight or unacknowledged:
+//     bytes move from a send queue to the other end's receive queue the moment it has room (as on
+//     loopback, minus the ACK clock), and EPOLLOUT is reported while the send queue is at most 2/3
+//     full (tcp_poll's sk_stream_min_wspace rule); no Nagle, no delayed ACK, no window scaling;
 //   - a SYN that finds the accept queue full waits, and is queued as soon as accept() makes room
 //     (Linux retransmits it after 1 s, 3 s, ...);
 //   - no AF_UNIX, no UDP, no dup()/fork(): closing an fd closes its file, and epoll forgets it;
-//   - a write to an end whose peer has closed is accepted and answered by an RST at once (on
-//     loopback the RST comes back within the same send);
+//   - data reaching an end whose owner closed it is answered by an RST at once (on loopback the
+//     RST comes back within the same send); the sender then reports EPIPE if the closed end's FIN
+//     had arrived, else ECONNRESET (tcp_reset);
 //   - sigprocmask changes nothing; signals reach signalfds only through Kernel::raise_signal();
 //   - EPOLLEXCLUSIVE, EPOLLWAKEUP and nested epoll sets are accepted and ignored.
 #pragma once
@@ -752,19 +754,22 @@ class Kernel {
   static constexpr int kRemote = 0;  // the connecting side
   static constexpr int kLocal = 1;   // the accepted side
 
+  // One end of a TCP connection: its receive queue (`in`, at most `capacity_` bytes) and its send
+  // queue (`out`, likewise): bytes move from a send queue into the other end's receive queue as
+  // soon as it has room, which stands for transmission and the receive window.
   struct End {
-    std::string in;  // receive queue: bytes from the other end, from `in_offset` on
-    std::size_t in_offset = 0;
-    bool fin_in = false;    // the other end's FIN arrived (EOF once `in` is read)
-    bool shut_rd = false;   // shutdown(SHUT_RD)
-    bool fin_out = false;   // this end sent its FIN
-    bool reset = false;     // the connection is gone (an RST was sent or received)
-    bool got_reset = false; // an RST arrived from the other end
-    bool closed = false;    // this end's owner closed it
+    std::string in, out;  // from `in_offset` / `out_offset` on
+    std::size_t in_offset = 0, out_offset = 0;
+    bool fin_in = false;     // the other end's FIN arrived, after all its data (CLOSE_WAIT)
+    bool shut_rd = false;    // shutdown(SHUT_RD)
+    bool fin_out = false;    // this end shut down its sending side (FIN follows the send queue)
+    bool reset = false;      // the connection is gone (an RST was sent or received)
+    bool got_reset = false;  // an RST arrived from the other end
+    bool closed = false;     // this end's owner closed it (an orphan until the other end is done)
     bool linger_zero = false;
-    bool nospace = false;   // a writer found the other end's queue too full (tcp_poll's NOSPACE)
-    int error = 0;          // sk_err: reported once by read, write or SO_ERROR
-    int fd = -1;            // the process's fd for this end, if it holds one
+    bool nospace = false;  // a writer found the send queue too full (tcp_poll's SOCK_NOSPACE)
+    int error = 0;         // sk_err: reported once by read, write or SO_ERROR
+    int fd = -1;           // the process's fd for this end, if it holds one
     std::uint16_t port = 0;
   };
 
@@ -988,22 +993,40 @@ class Kernel {
   End& end_of(File& f) { return streams_[f.stream]->end[f.side]; }
 
   static std::size_t available(const End& e) { return e.in.size() - e.in_offset; }
+  static std::size_t unsent(const End& e) { return e.out.size() - e.out_offset; }
+
+  static void consume(std::string& queue, std::size_t& offset, std::size_t n) {
+    offset += n;
+    if (offset == queue.size()) {
+      queue.clear();
+      offset = 0;
+    } else if (offset > 64 * 1024) {
+      queue.erase(0, offset);
+      offset = 0;
+    }
+  }
 
   void notify(End& e, std::uint32_t mask) {
     if (e.fd >= 0 && fd_open(e.fd)) wake(*table_[e.fd], mask);
   }
 
-  // Sends an RST from end `from`: the other end learns ECONNRESET.
+  // Sends an RST from end `from`: both its queues are dropped; the other end keeps what it has
+  // received, loses what it had not sent (tcp_write_queue_purge) and reports ECONNRESET once, or
+  // EPIPE if its peer's FIN had arrived (tcp_reset in CLOSE_WAIT).
   void send_reset(Stream& s, int from) {
     End& self = s.end[from];
     End& other = s.end[1 - from];
     self.reset = true;
     self.in.clear();
     self.in_offset = 0;
+    self.out.clear();
+    self.out_offset = 0;
     if (!other.closed && !other.reset) {
       other.reset = true;
       other.got_reset = true;
-      other.error = ECONNRESET;
+      other.error = other.fin_in ? EPIPE : ECONNRESET;
+      other.out.clear();
+      other.out_offset = 0;
       notify(other, 0);
     }
   }
@@ -1014,87 +1037,95 @@ class Kernel {
     s.end[kLocal].closed = true;
   }
 
+  // Moves what end `from` has queued into the other end's receive queue, as far as it has room,
+  // then its FIN once the send queue is empty. An orphan (closed) receiver answers data with RST.
+  void transmit(Stream& s, int from) {
+    End& self = s.end[from];
+    End& other = s.end[1 - from];
+    if (self.reset) return;
+    if (unsent(self) > 0 && other.closed) {
+      if (!other.reset) send_reset(s, 1 - from);
+      notify(self, 0);
+      return;
+    }
+    const std::size_t room = available(other) >= capacity_ ? 0 : capacity_ - available(other);
+    const std::size_t n = std::min(room, unsent(self));
+    if (n > 0) {
+      other.in.append(self.out, self.out_offset, n);
+      consume(self.out, self.out_offset, n);
+      notify(other, EPOLLIN);
+      if (self.nospace && writable(self)) {
+        self.nospace = false;
+        notify(self, EPOLLOUT);
+      }
+    }
+    if (unsent(self) == 0 && self.fin_out && !other.fin_in && !other.reset) {
+      other.fin_in = true;
+      notify(other, 0);
+    }
+  }
+
   ssize_t end_send(Stream& s, int side, const void* data, std::size_t size, std::size_t limit) {
     End& self = s.end[side];
-    End& other = s.end[1 - side];
     if (self.error != 0) return fail_errno(std::exchange(self.error, 0));
     if (self.fin_out || self.reset || self.closed) return fail_errno(EPIPE);
     if (size == 0) return 0;
-    const std::size_t queued = available(other);
-    const std::size_t space = queued >= capacity_ ? 0 : capacity_ - queued;
+    const std::size_t space = unsent(self) >= capacity_ ? 0 : capacity_ - unsent(self);
     if (space == 0) {
       self.nospace = true;
       return fail_errno(EAGAIN);
     }
     const std::size_t n = std::min({size, space, std::max<std::size_t>(limit, 1)});
-    if (other.closed) {  // nobody reads: the peer's kernel answers with an RST
-      send_reset(s, 1 - side);
-      notify(self, 0);
-      progress();
-      return static_cast<ssize_t>(n);
-    }
-    other.in.append(static_cast<const char*>(data), n);
+    self.out.append(static_cast<const char*>(data), n);
     if (n < size) self.nospace = true;
-    notify(other, EPOLLIN);
+    transmit(s, side);
     progress();
     return static_cast<ssize_t>(n);
   }
 
   ssize_t end_recv(Stream& s, int side, void* buffer, std::size_t size) {
     End& self = s.end[side];
-    End& other = s.end[1 - side];
     const std::size_t have = available(self);
     if (have > 0 && size > 0) {
       const std::size_t n = std::min(size, have);
       std::memcpy(buffer, self.in.data() + self.in_offset, n);
-      self.in_offset += n;
-      if (self.in_offset == self.in.size()) {
-        self.in.clear();
-        self.in_offset = 0;
-      } else if (self.in_offset > 64 * 1024) {
-        self.in.erase(0, self.in_offset);
-        self.in_offset = 0;
-      }
-      if (other.nospace && writable(self)) {
-        other.nospace = false;
-        notify(other, EPOLLOUT);
-      }
+      consume(self.in, self.in_offset, n);
+      transmit(s, 1 - side);  // the window opened
       progress();
       return static_cast<ssize_t>(n);
     }
-    if (self.fin_in || self.shut_rd) return 0;
+    if (self.fin_in || self.shut_rd) return 0;  // SOCK_DONE comes before sk_err in tcp_recvmsg
     if (self.error != 0) return fail_errno(std::exchange(self.error, 0));
     if (self.reset) return 0;
     return fail_errno(EAGAIN);
   }
 
-  // Whether a writer into `receiver`'s queue sees EPOLLOUT: at most 2/3 full.
-  bool writable(const End& receiver) const { return available(receiver) * 3 <= capacity_ * 2; }
+  // EPOLLOUT for a sender: its send queue at most 2/3 full (sk_stream_min_wspace).
+  bool writable(const End& sender) const { return unsent(sender) * 3 <= capacity_ * 2; }
 
   int end_shutdown(Stream& s, int side) {
     End& self = s.end[side];
-    End& other = s.end[1 - side];
     if (self.reset) return fail_errno(ENOTCONN);
     if (!self.fin_out) {
       self.fin_out = true;
-      other.fin_in = true;
-      notify(other, 0);
+      transmit(s, side);
       notify(self, 0);  // inet_shutdown's sk_state_change: EPOLLOUT now, in both modes
       progress();
     }
     return 0;
   }
 
+  // close(): RST when unread bytes remain or SO_LINGER {1, 0} (tcp_close), else FIN after the
+  // send queue, which an orphan keeps delivering.
   void end_close(Stream& s, int side) {
     End& self = s.end[side];
     if (self.closed) return;
     self.closed = true;
     if (!self.reset && (self.linger_zero || available(self) > 0)) {
-      send_reset(s, side);  // unread data or SO_LINGER {1, 0}: RST (tcp_close)
+      send_reset(s, side);
     } else if (!self.reset && !self.fin_out) {
       self.fin_out = true;
-      s.end[1 - side].fin_in = true;
-      notify(s.end[1 - side], 0);
+      transmit(s, side);
     }
     progress();
   }
@@ -1168,18 +1199,14 @@ class Kernel {
           if (f.connect_error != 0) return EPOLLOUT | EPOLLHUP | EPOLLERR;
           return EPOLLOUT | EPOLLHUP;
         }
-        Stream& s = *streams_[f.stream];
-        End& self = s.end[f.side];
-        End& other = s.end[1 - f.side];
+        End& self = streams_[f.stream]->end[f.side];
         const bool rcv_shut = self.fin_in || self.shut_rd || self.reset;
         const bool snd_shut = self.fin_out || self.reset;
         std::uint32_t mask = 0;
         if (rcv_shut && snd_shut) mask |= EPOLLHUP;
         if (rcv_shut) mask |= EPOLLIN | EPOLLRDNORM | EPOLLRDHUP;
         if (available(self) > 0) mask |= EPOLLIN | EPOLLRDNORM;
-        if (snd_shut || other.closed) {
-          mask |= EPOLLOUT | EPOLLWRNORM;
-        } else if (writable(other)) {
+        if (snd_shut || writable(self)) {
           mask |= EPOLLOUT | EPOLLWRNORM;
         } else {
           self.nospace = true;
