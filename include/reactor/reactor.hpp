@@ -762,9 +762,11 @@ class Reactor {
   // A connection closed during shutdown(): count it in the report.
   void count_shutdown_close(const std::error_code& reason) noexcept {
     if (shutdown_report_ == nullptr) return;
+    // Aborted: cut off by the deadline or a stop(). A connection that lingered to the deadline
+    // after an idle timeout keeps its timed_out reason and counts as failed, as on_close says.
     if (!reason) {
       ++shutdown_report_->flushed;
-    } else if (aborting_) {
+    } else if (aborting_ && reason == std::errc::operation_canceled) {
       ++shutdown_report_->aborted;
     } else {
       ++shutdown_report_->failed;
