@@ -65,9 +65,12 @@ struct ConnectionOptions {
   std::chrono::milliseconds write_timeout{0};
   // After close() has flushed everything, if the peer has not half-closed yet: send FIN, then read
   // and discard until the peer's EOF, for at most this long, before closing the socket. Closing a
-  // TCP socket with unread input makes the kernel send RST, and an RST makes the peer discard
-  // what it has received but not yet read — the very bytes close() just flushed. Zero: close at
-  // once.
+  // TCP socket with unread input makes the kernel send RST, and an RST drops whatever of the
+  // flushed bytes the kernel had not yet delivered (the peer stopped reading, say). If the time
+  // runs out while the kernel still holds undelivered bytes (SIOCOUTQ), on_close reports
+  // timed_out: delivery was not confirmed. Zero: close at once, leaving the rest to the kernel;
+  // should the peer send more, or input be left unread, the kernel answers with RST and drops
+  // what it had not delivered yet, which on_close cannot report.
   std::chrono::milliseconds linger_timeout{2000};
 };
 
@@ -340,8 +343,9 @@ class Connection final : private detail::OwnedWatcher {
         self.close();
         break;
       case detail::WatcherOp::kAbort:
-        // A lingering connection has delivered everything and sent its FIN: closing it is orderly.
-        self.close_now(self.phase_ == Phase::kLingering
+        // A lingering connection whose bytes the kernel has all delivered has nothing left to
+        // lose: closing it is orderly.
+        self.close_now(self.phase_ == Phase::kLingering && detail::unsent_bytes<Sys>(self.fd) == 0
                            ? std::error_code()
                            : std::make_error_code(std::errc::operation_canceled));
         break;
@@ -708,7 +712,10 @@ class Connection final : private detail::OwnedWatcher {
     timer_ = {};
     switch (phase_) {
       case Phase::kLingering:
-        close_now({});  // the peer never sent its FIN: close anyway (output was flushed)
+        // The peer never sent its FIN: close anyway. Orderly if the kernel delivered everything;
+        // bytes it still holds could be lost to an RST, so say that they were not confirmed.
+        close_now(detail::unsent_bytes<Sys>(fd) > 0 ? std::make_error_code(std::errc::timed_out)
+                                                    : std::error_code());
         return;
       case Phase::kClosed:
         return;  // unreachable: closing cancels the timer

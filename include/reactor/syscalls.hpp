@@ -18,10 +18,12 @@
 #pragma once
 
 #include <fcntl.h>
+#include <linux/sockios.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/ioctl.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/timerfd.h>
@@ -107,6 +109,11 @@ struct LinuxSyscalls {
   static int fcntl(int fd, int command, int argument) noexcept {
     return ::fcntl(fd, command, argument);
   }
+  // Used with SIOCOUTQ only: bytes the kernel has not yet delivered (TCP: sent but not
+  // acknowledged, or not sent). Optional in a policy, like now().
+  static int ioctl(int fd, unsigned long request, int* argument) noexcept {
+    return ::ioctl(fd, request, argument);
+  }
   static int shutdown(int fd, int how) noexcept { return ::shutdown(fd, how); }
   static int close(int fd) noexcept { return ::close(fd); }
   static int unlink(const char* path) noexcept { return ::unlink(path); }
@@ -124,6 +131,21 @@ std::chrono::steady_clock::time_point clock_now() noexcept {
     return Sys::now();
   } else {
     return std::chrono::steady_clock::now();
+  }
+}
+
+// Bytes of a socket's output the kernel still holds undelivered (SIOCOUTQ), 0 when unknown: the
+// call failed, or the policy has no ioctl().
+template <class Sys>
+int unsent_bytes(int fd) noexcept {
+  if constexpr (requires(int value) {
+                  { Sys::ioctl(fd, SIOCOUTQ, &value) }
+                  noexcept->std::same_as<int>;
+                }) {
+    int value = 0;
+    return Sys::ioctl(fd, SIOCOUTQ, &value) == 0 ? value : 0;
+  } else {
+    return 0;
   }
 }
 

@@ -36,6 +36,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <deque>
 #include <memory>
 #include <stdexcept>
@@ -79,6 +80,52 @@ struct Random {
   std::size_t below(std::size_t bound) { return static_cast<std::size_t>(next() % bound); }
 };
 
+// How often each path was reached (REACTOR_FUZZ_STATS=1 prints them at exit).
+// clang-format off
+#define SIM_FUZZ_STATS(X) \
+  X(scenarios) X(opened) X(bytes_in) X(bytes_out) X(eofs) X(drains) X(timers_fired) \
+  X(closed_clean) X(closed_timed_out) X(closed_reset) X(closed_pipe) X(closed_canceled) \
+  X(closed_handler_exception) X(closed_output_limit) X(closed_input_limit) X(closed_hangup) \
+  X(closed_other) X(shutdowns) X(shutdown_stopped) X(runs_until_stop) X(destroyed) \
+  X(world_actions) X(handle_sends_outside) X(posts)
+// clang-format on
+struct Stats {
+#define SIM_FUZZ_FIELD(name) std::size_t name = 0;
+  SIM_FUZZ_STATS(SIM_FUZZ_FIELD)
+#undef SIM_FUZZ_FIELD
+  ~Stats() {
+    if (std::getenv("REACTOR_FUZZ_STATS") == nullptr) return;
+#define SIM_FUZZ_PRINT(name) std::fprintf(stderr, "sim_fuzzer %-26s %zu\n", #name, name);
+    SIM_FUZZ_STATS(SIM_FUZZ_PRINT)
+#undef SIM_FUZZ_PRINT
+  }
+};
+Stats stats;
+
+void count_reason(std::error_code reason) {
+  if (!reason) {
+    ++stats.closed_clean;
+  } else if (reason == std::errc::timed_out) {
+    ++stats.closed_timed_out;
+  } else if (reason == std::errc::connection_reset) {
+    ++stats.closed_reset;
+  } else if (reason == std::errc::broken_pipe) {
+    ++stats.closed_pipe;
+  } else if (reason == std::errc::operation_canceled) {
+    ++stats.closed_canceled;
+  } else if (reason == reactor::Error::kHandlerException) {
+    ++stats.closed_handler_exception;
+  } else if (reason == reactor::Error::kOutputLimit) {
+    ++stats.closed_output_limit;
+  } else if (reason == reactor::Error::kInputLimit) {
+    ++stats.closed_input_limit;
+  } else if (reason == reactor::Error::kPeerHangup) {
+    ++stats.closed_hangup;
+  } else {
+    ++stats.closed_other;
+  }
+}
+
 template <class Trigger>
 class Scenario {
  public:
@@ -106,18 +153,21 @@ class Scenario {
     int fd = -1;
     int opens = 0, closes = 0, eofs = 0;
     std::error_code reason;
-    std::size_t consumed = 0;      // peer bytes on_data consumed
-    std::size_t sent = 0;          // peer bytes the peer's kernel accepted
-    std::string accepted;          // bytes send() accepted, in order
-    std::string refused;           // the first send() refused (it may have been written in part)
-    std::size_t received = 0;      // bytes of `accepted` (+ refused) the peer has read
+    std::size_t consumed = 0;  // peer bytes on_data consumed
+    std::size_t sent = 0;      // peer bytes the peer's kernel accepted
+    std::string accepted;      // bytes send() accepted, in order
+    std::string refused;       // the first send() refused (it may have been written in part)
+    std::size_t received = 0;  // bytes of `accepted` (+ refused) the peer has read
     bool peer_reading = true, peer_shut = false, peer_gone = false;  // gone: closed or reset
     bool peer_eof = false, peer_error = false;
-    bool faulted = false;          // a fatal errno was injected on its fd
+    bool faulted = false;  // a fatal errno was injected on its fd
     bool threw = false;
-    bool dropped_input = false;    // close()/abort() from on_data: the rest is dropped
+    bool aborted = false;        // abort() was called: pending output dropped on request
+    bool dropped_input = false;  // close()/abort() from on_data: the rest is dropped
     bool paused = false;
     bool handle_checked = false;
+    Clock::time_point opened_at{};
+    Clock::time_point active_at{};  // last send() accepted, on_data, on_drain or resume
   };
 
   struct TimerModel {
@@ -253,9 +303,7 @@ class Scenario {
 
   // --- hooks -------------------------------------------------------------------------------------
 
-  void check_alive(Track& t, Conn& c) {
-    FUZZ_CHECK(t.opens == 1 && t.closes == 0 && t.conn == &c);
-  }
+  void check_alive(Track& t, Conn& c) { FUZZ_CHECK(t.opens == 1 && t.closes == 0 && t.conn == &c); }
 
   void on_open(Conn& c, Handler& handler) {
     if (handler.index == kNoTrack) {  // accepted: find the peer by the fd the kernel gave it
@@ -269,8 +317,10 @@ class Scenario {
     Track& t = tracks_[handler.index];
     FUZZ_CHECK(t.opens == 0 && t.closes == 0);
     ++t.opens;
+    ++stats.opened;
     t.conn = &c;
     t.fd = c.native_handle();
+    t.opened_at = t.active_at = kernel_.now();
     ++open_count_;
     if (in_.below(4) == 0) {
       t.handle = c.handle();
@@ -291,6 +341,8 @@ class Scenario {
     FUZZ_CHECK(!bytes.empty());
     FUZZ_CHECK(t.consumed + bytes.size() <= t.sent);
     FUZZ_CHECK(bytes == peer_bytes(index, t.consumed, bytes.size()));
+    t.active_at = kernel_.now();
+    stats.bytes_in += bytes.size();
     std::size_t taken = bytes.size();
     const std::uint8_t b = in_.byte();
     if (b < 110) {
@@ -304,7 +356,8 @@ class Scenario {
       c.close();
       t.dropped_input = true;
     } else if (b < 174) {
-      c.abort(in_.flag());
+      c.abort(in_.flag());  // drops pending output by request: on_close reports no error
+      t.aborted = true;
       t.dropped_input = true;
     } else if (b < 182) {
       send(t, c, bytes);
@@ -333,6 +386,8 @@ class Scenario {
   void on_drain(Conn& c, std::size_t index) {
     Track& t = tracks_[index];
     check_alive(t, c);
+    t.active_at = kernel_.now();
+    ++stats.drains;
     const std::uint8_t b = in_.byte();
     if (b < 30) send(t, c, std::string(1 + in_.below(8192), 'd'));
     if (b >= 30 && b < 40) c.close();
@@ -342,6 +397,7 @@ class Scenario {
     Track& t = tracks_[index];
     check_alive(t, c);
     FUZZ_CHECK(++t.eofs == 1);
+    ++stats.eofs;
     FUZZ_CHECK(t.peer_shut || t.peer_gone);
     const std::uint8_t b = in_.byte();
     if (b < 40) send(t, c, std::string(1 + in_.below(512), 'e'));
@@ -355,6 +411,11 @@ class Scenario {
     t.reason = reason;
     t.conn = nullptr;
     --open_count_;
+    count_reason(reason);
+    if (reason ==
+        std::errc::timed_out) {  // never before the shortest timeout (or linger) could pass
+      FUZZ_CHECK(kernel_.now() - t.opened_at >= shortest_timeout());
+    }
     if (shutting_down_) {
       if (!reason) {
         ++closed_flushed_;
@@ -371,6 +432,7 @@ class Scenario {
     if (ok) {
       FUZZ_CHECK(t.refused.empty());  // nothing is accepted after a refusal
       t.accepted.append(bytes);
+      t.active_at = kernel_.now();
     } else if (t.refused.empty()) {
       t.refused.assign(bytes);
       if (t.refused.empty()) t.refused.push_back('\0');  // remember that one was refused
@@ -381,8 +443,8 @@ class Scenario {
   // --- timers and posted work -------------------------------------------------------------------
 
   std::size_t pending_model_timers() const {
-    return static_cast<std::size_t>(
-        std::count_if(timers_.begin(), timers_.end(), [](const TimerModel& m) { return m.pending; }));
+    return static_cast<std::size_t>(std::count_if(timers_.begin(), timers_.end(),
+                                                  [](const TimerModel& m) { return m.pending; }));
   }
 
   void schedule(milliseconds delay, bool periodic, bool outside, std::size_t resume_track) {
@@ -422,9 +484,11 @@ class Scenario {
       Track& t = tracks_[resume_track];
       if (t.conn != nullptr && t.paused) {
         t.paused = false;
+        t.active_at = kernel_.now();
         t.conn->resume_reading();
       }
     }
+    ++stats.timers_fired;
     const std::uint8_t b = in_.byte();
     if (b < 20) {
       const bool was_pending = loop_->cancel(m.id);
@@ -453,6 +517,7 @@ class Scenario {
 
   void post_task() {
     const std::uint64_t serial = posted_++;
+    ++stats.posts;
     loop_->post([this, serial] {
       FUZZ_CHECK(serial == ran_);  // FIFO, once each
       ++ran_;
@@ -473,6 +538,7 @@ class Scenario {
     if (!ec) {
       FUZZ_CHECK(t->conn != nullptr && t->refused.empty());
       t->accepted.append(bytes);
+      t->active_at = kernel_.now();
     } else {
       FUZZ_CHECK(ec == std::errc::not_connected);
       if (t->conn != nullptr && t->refused.empty()) t->refused = bytes;
@@ -492,6 +558,7 @@ class Scenario {
     if (!t.had_handle) return;
     FUZZ_CHECK(!reactor::detail::running_in_this_thread(loop_));
     const std::string bytes(1 + in_.below(300), 'x');
+    ++stats.handle_sends_outside;
     const std::error_code ec = t.handle.send(bytes);
     FUZZ_CHECK(socket_closed(t) ? ec == std::errc::not_connected : !ec);
     if (ec) return;
@@ -503,6 +570,7 @@ class Scenario {
       if (tr.conn != nullptr && tr.conn->state() == reactor::ConnectionState::kOpen) {
         FUZZ_CHECK(tr.refused.empty());
         tr.accepted.append(bytes);
+        tr.active_at = kernel_.now();
       } else if (tr.conn != nullptr && tr.refused.empty()) {
         tr.refused = bytes;
       }
@@ -558,6 +626,7 @@ class Scenario {
           FUZZ_CHECK(chunk[i] == expected);
         }
         t.received += n;
+        stats.bytes_out += n;
         continue;
       }
       if (r == 0) t.peer_eof = true;
@@ -636,6 +705,7 @@ class Scenario {
   void world_action(std::size_t index) {
     const milliseconds delay(in_.below(300));
     const std::uint8_t what = in_.byte();
+    ++stats.world_actions;
     kernel_.after(delay, [this, what, index] {
       if (loop_ == nullptr) return;
       FUZZ_CHECK(!reactor::detail::running_in_this_thread(loop_));
@@ -656,6 +726,40 @@ class Scenario {
     loop_->run_once(timeout, ec);
     FUZZ_CHECK(!ec);
     check_timers_fired(before, run);
+    check_idle_timeouts(before);
+  }
+
+  // The shortest of the timeouts and the linger time: nothing times out sooner after open.
+  milliseconds shortest_timeout() const {
+    milliseconds shortest = milliseconds::max();
+    for (const milliseconds m : {options_.idle_timeout, options_.read_timeout,
+                                 options_.write_timeout, options_.linger_timeout}) {
+      if (m.count() > 0) shortest = std::min(shortest, m);
+    }
+    return shortest;
+  }
+
+  // The idle timeout acts in time: a connection still open (or shutting down) after an iteration
+  // that began a whole idle period after its last activity is a missed timeout. Activity is over-
+  // estimated (the latest of the socket's last read or write, a send() accepted, on_data, on_drain,
+  // a resume), so only a real miss trips this.
+  void check_idle_timeouts(Clock::time_point before) {
+    if (options_.idle_timeout.count() == 0) return;
+    for (Track& t : tracks_) {
+      if (t.conn == nullptr) continue;
+      const auto state = t.conn->state();
+      if (state != reactor::ConnectionState::kOpen &&
+          state != reactor::ConnectionState::kShuttingDown) {
+        continue;
+      }
+      const Clock::time_point active = std::max(t.active_at, kernel_.process_io_at(t.peer));
+      if (before >= active + options_.idle_timeout) {
+        std::fprintf(stderr, "sim_fuzzer: idle since %lld ns, still open at %lld ns\n",
+                     static_cast<long long>(active.time_since_epoch().count()),
+                     static_cast<long long>(before.time_since_epoch().count()));
+        FUZZ_CHECK(!"idle timeout missed");
+      }
+    }
   }
 
   // A one-shot timer that was due when an iteration began, scheduled before it, has run by the
@@ -673,6 +777,7 @@ class Scenario {
   }
 
   void run_until_stop() {
+    ++stats.runs_until_stop;
     kernel_.after(milliseconds(in_.below(5000)), [this] {
       if (loop_ != nullptr) loop_->stop();
     });
@@ -685,6 +790,8 @@ class Scenario {
     const milliseconds grace(in_.below(4) == 0 ? in_.below(10) : in_.below(30000));
     const milliseconds quiet(in_.below(300));
     const bool stop_during = in_.below(3) == 0;
+    ++stats.shutdowns;
+    if (stop_during) ++stats.shutdown_stopped;
     const milliseconds stop_at(in_.below(static_cast<std::size_t>(grace.count()) + 1));
     if (stop_during) {
       kernel_.after(stop_at, [this] {
@@ -700,7 +807,10 @@ class Scenario {
     FUZZ_CHECK(!report.error);
     FUZZ_CHECK(loop_->connection_count() == 0);
     FUZZ_CHECK(report.flushed + report.failed + report.aborted == open);
-    if (report.flushed != closed_flushed_ || report.aborted != closed_aborted_ || report.failed != closed_failed_) std::fprintf(stderr, "report %zu/%zu/%zu model %zu/%zu/%zu\n", report.flushed, report.failed, report.aborted, closed_flushed_, closed_failed_, closed_aborted_);
+    if (report.flushed != closed_flushed_ || report.aborted != closed_aborted_ ||
+        report.failed != closed_failed_)
+      std::fprintf(stderr, "report %zu/%zu/%zu model %zu/%zu/%zu\n", report.flushed, report.failed,
+                   report.aborted, closed_flushed_, closed_failed_, closed_aborted_);
     FUZZ_CHECK(report.flushed == closed_flushed_ && report.aborted == closed_aborted_ &&
                report.failed == closed_failed_);
     const Clock::time_point end = kernel_.now();
@@ -712,6 +822,7 @@ class Scenario {
   }
 
   void destroy() {
+    ++stats.destroyed;
     acceptor_.reset();
     ended_ = true;
     finish();
@@ -732,6 +843,7 @@ class Scenario {
       for (Track& t : tracks_) {
         if (t.conn != nullptr && t.paused) {
           t.paused = false;
+          t.active_at = kernel_.now();
           t.conn->resume_reading();
         }
       }
@@ -778,12 +890,18 @@ class Scenario {
       const Track& t = tracks_[i];
       if (t.opens == 0) continue;
       FUZZ_CHECK(t.closes == 1);
-      // Every byte send() accepted reached the peer unless on_close reported an error (or the
-      // peer itself went away, dropping what its kernel held).
-      if (!t.reason && !t.peer_gone && !t.faulted && !t.threw) {
+      // Every byte send() accepted reached the peer unless on_close reported an error, abort()
+      // dropped it, the peer itself went away (dropping what its kernel held), or lingering was
+      // turned off.
+      // linger_timeout 0 opts out: the socket closes at once, and an RST may drop the rest.
+      if (!t.reason && !t.peer_gone && !t.faulted && !t.threw && !t.aborted &&
+          options_.linger_timeout.count() != 0) {
         if (t.received != t.accepted.size()) {
-          std::fprintf(stderr, "sim_fuzzer: track %zu: peer read %zu of %zu accepted bytes\n", i,
-                       t.received, t.accepted.size());
+          std::fprintf(stderr,
+                       "sim_fuzzer: track %zu (peer %zu, fd %d): peer read %zu of %zu accepted "
+                       "bytes; on_close '%s'; peer shut %d eof %d error %d; refused %zu\n",
+                       i, t.peer, t.fd, t.received, t.accepted.size(), t.reason.message().c_str(),
+                       t.peer_shut, t.peer_eof, t.peer_error, t.refused.size());
         }
         FUZZ_CHECK(t.received == t.accepted.size());
       }
@@ -819,6 +937,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   fuzz::FuzzInput input(data, size);
   sim::Kernel kernel;
   kernel.set_spin_limit(2000);
+  ++stats.scenarios;
   if (input.flag()) {
     Scenario<reactor::EdgeTriggered>(input, kernel).run();
   } else {

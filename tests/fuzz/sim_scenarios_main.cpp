@@ -79,14 +79,14 @@ int main(int argc, char** argv) {
     const std::uint64_t seed = std::strtoull(argv[2], nullptr, 10);
     announce(seed);
     std::printf("sim_scenarios: seed %llu passed, trace hash %016llx\n",
-                static_cast<unsigned long long>(seed),
-                static_cast<unsigned long long>(run(seed)));
+                static_cast<unsigned long long>(seed), static_cast<unsigned long long>(run(seed)));
     return 0;
   }
   if (argc >= 4 && std::strcmp(argv[1], "--write") == 0) {
     const std::vector<std::uint8_t> input = input_for(std::strtoull(argv[2], nullptr, 10));
     std::ofstream(argv[3], std::ios::binary)
-        .write(reinterpret_cast<const char*>(input.data()), static_cast<std::streamsize>(input.size()));
+        .write(reinterpret_cast<const char*>(input.data()),
+               static_cast<std::streamsize>(input.size()));
     return 0;
   }
   return usage();

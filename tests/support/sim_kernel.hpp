@@ -1,15 +1,17 @@
-// Test-only (not part of reactor): a simulated kernel and clock, and SimSyscalls, the syscall policy
-// that runs the library against it: `reactor::Reactor<Trigger, sim::SimSyscalls>`. Everything is in
-// memory and single-threaded, so a run is a pure function of what the test does: the same seed
-// gives the same run, bit for bit (Kernel::trace_hash() says so), and time is virtual, advancing
-// only when the loop would block, straight to the next timer deadline or world action.
+// Test-only (not part of reactor): a simulated kernel and clock, and SimSyscalls, the syscall
+// policy that runs the library against it: `reactor::Reactor<Trigger, sim::SimSyscalls>`.
+// Everything is in memory and single-threaded, so a run is a pure function of what the test does:
+// the same seed gives the same run, bit for bit (Kernel::trace_hash() says so), and time is
+// virtual, advancing only when the loop would block, straight to the next timer deadline or world
+// action.
 //
 // The world: TCP stream sockets (AF_INET, AF_INET6) whose two ends each hold a bounded receive
-// queue, with FIN, RST and the errors Linux reports for them; listening sockets with an accept queue
-// and backlog; an fd table that hands out the lowest free number; eventfd, timerfd (on the virtual
-// clock), signalfd; and epoll with Linux's level/edge rules. Peers outside the process are "remote
-// ends" the test drives through Kernel (connect, send, recv, shutdown, close, reset); they hold no
-// fd. Faults: a chooser the test installs can fail any call with any errno or cut a transfer short.
+// queue, with FIN, RST and the errors Linux reports for them; listening sockets with an accept
+// queue and backlog; an fd table that hands out the lowest free number; eventfd, timerfd (on the
+// virtual clock), signalfd; and epoll with Linux's level/edge rules. Peers outside the process are
+// "remote ends" the test drives through Kernel (connect, send, recv, shutdown, close, reset); they
+// hold no fd. Faults: a chooser the test installs can fail any call with any errno or cut a
+// transfer short.
 //
 // Why tests/support and not a public reactor/testing/ header: the model is shaped by what the
 // library calls today and by what the scenario fuzzer checks, and it will change with every
@@ -32,6 +34,7 @@
 //   - EPOLLEXCLUSIVE, EPOLLWAKEUP and nested epoll sets are accepted and ignored.
 #pragma once
 
+#include <linux/sockios.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
@@ -222,7 +225,8 @@ class Kernel {
   // send() from the peer: bytes accepted, or -1 with errno (EAGAIN: the queue is full or the
   // connection is not established yet; EPIPE after its own shutdown or close; ECONNRESET once
   // after an RST).
-  ssize_t peer_send(PeerId p, std::string_view bytes, std::size_t limit = static_cast<std::size_t>(-1)) {
+  ssize_t peer_send(PeerId p, std::string_view bytes,
+                    std::size_t limit = static_cast<std::size_t>(-1)) {
     Stream& s = *streams_.at(p);
     if (s.syn_waiting) return fail_errno(EAGAIN);
     const ssize_t n = end_send(s, kRemote, bytes.data(), bytes.size(), limit);
@@ -266,6 +270,9 @@ class Kernel {
     s.end[kRemote].linger_zero = true;
     end_close(s, kRemote);
   }
+  // The last virtual time the process read (any result but an error) or wrote (any bytes) on
+  // this peer's connection.
+  TimePoint process_io_at(PeerId p) const { return streams_.at(p)->end[kLocal].io_at; }
   bool peer_closed(PeerId p) const { return streams_.at(p)->end[kRemote].closed; }
   // The peer's end was reset by the process (an RST arrived).
   bool peer_was_reset(PeerId p) const { return streams_.at(p)->end[kRemote].got_reset; }
@@ -285,8 +292,8 @@ class Kernel {
 
   // Open fds, stdio not counted.
   std::size_t open_fds() const {
-    return static_cast<std::size_t>(
-        std::count_if(table_.begin() + 3, table_.end(), [](const auto& f) { return f != nullptr; }));
+    return static_cast<std::size_t>(std::count_if(table_.begin() + 3, table_.end(),
+                                                  [](const auto& f) { return f != nullptr; }));
   }
   bool fd_open(int fd) const {
     return fd >= 0 && static_cast<std::size_t>(fd) < table_.size() && table_[fd] != nullptr;
@@ -339,17 +346,18 @@ class Kernel {
     if (!is(epfd, FileKind::kEpoll)) return fail_errno(EBADF);
     if (max_events <= 0) return fail_errno(EINVAL);
     check_spin();
-    const int max = static_cast<int>(std::min<std::size_t>(static_cast<std::size_t>(max_events), f.limit));
-    const TimePoint deadline =
-        timeout_ms < 0 ? TimePoint::max() : now_ + milliseconds(timeout_ms);
+    const int max =
+        static_cast<int>(std::min<std::size_t>(static_cast<std::size_t>(max_events), f.limit));
+    const TimePoint deadline = timeout_ms < 0 ? TimePoint::max() : now_ + milliseconds(timeout_ms);
     int n = 0;
     while (true) {
       n = collect(*table_[epfd], events, std::max(max, 1));
       if (n > 0 || now_ >= deadline) break;
       const TimePoint next = std::min({deadline, next_timerfd_due(), next_action_due()});
       if (next == TimePoint::max()) {
-        failure("epoll_wait(-1) blocks forever: nothing is ready, no timerfd is armed and no "
-                "world action is pending (a lost timer, or a test that forgot to stop the loop)");
+        failure(
+            "epoll_wait(-1) blocks forever: nothing is ready, no timerfd is armed and no "
+            "world action is pending (a lost timer, or a test that forgot to stop the loop)");
       }
       advance_to(next);
       if (!is(epfd, FileKind::kEpoll)) return fail_errno(EBADF);  // a world action closed it
@@ -398,7 +406,8 @@ class Kernel {
     } else {
       f.due = now_ + std::chrono::duration_cast<Clock::duration>(to_duration(value->it_value));
     }
-    trace("timerfd_settime", fd, flags, 0, static_cast<std::uint64_t>(f.due.time_since_epoch().count()));
+    trace("timerfd_settime", fd, flags, 0,
+          static_cast<std::uint64_t>(f.due.time_since_epoch().count()));
     expire_timerfds();
     return 0;
   }
@@ -444,7 +453,8 @@ class Kernel {
     } else if (table_[fd]->kind == FileKind::kEventfd) {
       result = write_eventfd(*table_[fd], buffer, size);
     } else if (table_[fd]->kind == FileKind::kSocket) {
-      result = socket_send(*table_[fd], buffer, std::min(size, f.limit), static_cast<std::size_t>(-1));
+      result =
+          socket_send(*table_[fd], buffer, std::min(size, f.limit), static_cast<std::size_t>(-1));
     } else {
       result = fail_errno(EINVAL);
     }
@@ -587,7 +597,8 @@ class Kernel {
             ? ntohs(reinterpret_cast<const sockaddr_in*>(address)->sin_port)
             : ntohs(reinterpret_cast<const sockaddr_in6*>(address)->sin6_port);
     File* listener = find_listener(port, address->sa_family);
-    if (listener == nullptr || listener->accept_queue.size() > static_cast<std::size_t>(listener->backlog)) {
+    if (listener == nullptr ||
+        listener->accept_queue.size() > static_cast<std::size_t>(listener->backlog)) {
       if (!f.nonblock) return fail_errno(listener == nullptr ? ECONNREFUSED : ETIMEDOUT);
       f.connect_error = listener == nullptr ? ECONNREFUSED : ETIMEDOUT;
       wake(f, 0);
@@ -619,7 +630,8 @@ class Kernel {
           if (fds[i].fd >= 0) fds[i].revents = POLLNVAL;
         } else {
           const std::uint32_t mask = poll_mask(*table_[fds[i].fd]);
-          fds[i].revents = static_cast<short>(mask & (static_cast<std::uint32_t>(fds[i].events) | POLLERR | POLLHUP));
+          fds[i].revents = static_cast<short>(
+              mask & (static_cast<std::uint32_t>(fds[i].events) | POLLERR | POLLHUP));
         }
         if (fds[i].revents != 0) ++ready;
       }
@@ -686,6 +698,16 @@ class Kernel {
     const Stream& s = *streams_[f.stream];
     if (s.end[f.side].reset) return fail_errno(ENOTCONN);
     fill_address(f.domain, s.end[1 - f.side].port, address, length);
+    return 0;
+  }
+
+  int sys_ioctl(int fd, unsigned long request, int* argument) {
+    if (const int e = fault(Op::kOther, fd).error) return fail_errno(e);
+    if (!is(fd, FileKind::kSocket)) return fail_errno(fd_open(fd) ? ENOTTY : EBADF);
+    if (request != SIOCOUTQ) return fail_errno(EINVAL);
+    const File& f = *table_[fd];
+    *argument =
+        f.stream == kNoStream ? 0 : static_cast<int>(unsent(streams_[f.stream]->end[f.side]));
     return 0;
   }
 
@@ -771,6 +793,7 @@ class Kernel {
     int error = 0;         // sk_err: reported once by read, write or SO_ERROR
     int fd = -1;           // the process's fd for this end, if it holds one
     std::uint16_t port = 0;
+    TimePoint io_at{};  // the last read (any result but EAGAIN) or write through the fd
   };
 
   struct Stream {
@@ -1132,16 +1155,22 @@ class Kernel {
 
   ssize_t socket_send(File& f, const void* data, std::size_t size, std::size_t limit) {
     if (f.stream == kNoStream) return fail_errno(f.listening ? ENOTCONN : EPIPE);
-    return end_send(*streams_[f.stream], f.side, data, size, limit);
+    End& self = streams_[f.stream]->end[f.side];
+    const ssize_t n = end_send(*streams_[f.stream], f.side, data, size, limit);
+    if (n > 0) self.io_at = now_;
+    return n;
   }
 
   // --- reads of every kind of file ---------------------------------------------------------------
 
   ssize_t read_file(File& f, void* buffer, std::size_t size) {
     switch (f.kind) {
-      case FileKind::kSocket:
-        if (f.stream == kNoStream) return fail_errno(f.listening ? ENOTCONN : ENOTCONN);
-        return end_recv(*streams_[f.stream], f.side, buffer, size);
+      case FileKind::kSocket: {
+        if (f.stream == kNoStream) return fail_errno(ENOTCONN);
+        const ssize_t n = end_recv(*streams_[f.stream], f.side, buffer, size);
+        if (n >= 0) streams_[f.stream]->end[f.side].io_at = now_;
+        return n;
+      }
       case FileKind::kEventfd: {
         if (size < 8) return fail_errno(EINVAL);
         if (f.counter == 0) return fail_errno(EAGAIN);
@@ -1411,7 +1440,9 @@ class Kernel {
 // The policy: every call goes to this thread's Kernel.
 struct SimSyscalls {
   static TimePoint now() noexcept { return Kernel::current().now(); }
-  static int epoll_create1(int flags) noexcept { return Kernel::current().sys_epoll_create1(flags); }
+  static int epoll_create1(int flags) noexcept {
+    return Kernel::current().sys_epoll_create1(flags);
+  }
   static int epoll_ctl(int epfd, int op, int fd, epoll_event* event) noexcept {
     return Kernel::current().sys_epoll_ctl(epfd, op, fd, event);
   }
@@ -1452,7 +1483,9 @@ struct SimSyscalls {
   static int bind(int fd, const sockaddr* address, socklen_t length) noexcept {
     return Kernel::current().sys_bind(fd, address, length);
   }
-  static int listen(int fd, int backlog) noexcept { return Kernel::current().sys_listen(fd, backlog); }
+  static int listen(int fd, int backlog) noexcept {
+    return Kernel::current().sys_listen(fd, backlog);
+  }
   static int accept4(int fd, sockaddr* address, socklen_t* length, int flags) noexcept {
     return Kernel::current().sys_accept4(fd, address, length, flags);
   }
@@ -1476,6 +1509,9 @@ struct SimSyscalls {
   }
   static int fcntl(int fd, int command, int argument) noexcept {
     return Kernel::current().sys_fcntl(fd, command, argument);
+  }
+  static int ioctl(int fd, unsigned long request, int* argument) noexcept {
+    return Kernel::current().sys_ioctl(fd, request, argument);
   }
   static int shutdown(int fd, int how) noexcept { return Kernel::current().sys_shutdown(fd, how); }
   static int close(int fd) noexcept { return Kernel::current().sys_close(fd); }
