@@ -67,7 +67,7 @@ struct ConnectionOptions {
   // and discard until the peer's EOF, for at most this long, before closing the socket. Closing a
   // TCP socket with unread input makes the kernel send RST, and an RST drops whatever of the
   // flushed bytes the kernel had not yet delivered (the peer stopped reading, say). If the time
-  // runs out while the kernel still holds undelivered bytes (SIOCOUTQ), on_close reports
+  // runs out while the kernel still holds undelivered bytes (TCP: SIOCOUTQ), on_close reports
   // timed_out: delivery was not confirmed. Zero: close at once, leaving the rest to the kernel;
   // should the peer send more, or input be left unread, the kernel answers with RST and drops
   // what it had not delivered yet, which on_close cannot report.
@@ -261,7 +261,7 @@ class Connection final : private detail::OwnedWatcher {
       Sys::close(fd);
       return nullptr;
     }
-    if (tcp) connection->flags_ |= kShortReadDrains;
+    if (tcp) connection->flags_ |= kShortReadDrains | kTcp;
     const std::uint32_t events =
         kEdge ? EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET | (tcp ? EPOLLPRI : 0u)
               : EPOLLIN | EPOLLRDHUP;
@@ -300,6 +300,7 @@ class Connection final : private detail::OwnedWatcher {
     kShortReadDrains = 1 << 5,  // edge mode: a short read means the socket is empty (TCP)
     kInOnData = 1 << 6,         // on_data is running: the bytes it was given must stay alive
     kDraining = 1 << 7,         // a graceful shutdown is serving this connection out
+    kTcp = 1 << 8,              // TCP, not AF_UNIX: SIOCOUTQ counts bytes not yet delivered
   };
 
   Connection(R& loop, int socket, Handler&& handler, const ConnectionOptions& options)
@@ -345,7 +346,7 @@ class Connection final : private detail::OwnedWatcher {
       case detail::WatcherOp::kAbort:
         // A lingering connection whose bytes the kernel has all delivered has nothing left to
         // lose: closing it is orderly.
-        self.close_now(self.phase_ == Phase::kLingering && detail::unsent_bytes<Sys>(self.fd) == 0
+        self.close_now(self.phase_ == Phase::kLingering && !self.undelivered()
                            ? std::error_code()
                            : std::make_error_code(std::errc::operation_canceled));
         break;
@@ -708,14 +709,19 @@ class Connection final : private detail::OwnedWatcher {
     }
   }
 
+  // Whether the kernel still holds bytes of ours that the peer has not received. TCP only: on a
+  // Unix socket SIOCOUTQ also counts bytes queued at the receiver, which closing does not lose.
+  bool undelivered() const noexcept {
+    return (flags_ & kTcp) != 0 && detail::unsent_bytes<Sys>(fd) > 0;
+  }
+
   void on_timer() noexcept {
     timer_ = {};
     switch (phase_) {
       case Phase::kLingering:
         // The peer never sent its FIN: close anyway. Orderly if the kernel delivered everything;
         // bytes it still holds could be lost to an RST, so say that they were not confirmed.
-        close_now(detail::unsent_bytes<Sys>(fd) > 0 ? std::make_error_code(std::errc::timed_out)
-                                                    : std::error_code());
+        close_now(undelivered() ? std::make_error_code(std::errc::timed_out) : std::error_code());
         return;
       case Phase::kClosed:
         return;  // unreachable: closing cancels the timer
