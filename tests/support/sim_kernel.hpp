@@ -230,6 +230,7 @@ class Kernel {
     Stream& s = *streams_.at(p);
     if (s.syn_waiting) return fail_errno(EAGAIN);
     const ssize_t n = end_send(s, kRemote, bytes.data(), bytes.size(), limit);
+    if (n > 0) trace_bytes(bytes.data(), static_cast<std::size_t>(n));
     trace("peer_send", static_cast<long>(p), static_cast<long>(bytes.size()), n);
     return n;
   }
@@ -238,11 +239,15 @@ class Kernel {
   ssize_t peer_recv(PeerId p, std::string& out, std::size_t max = static_cast<std::size_t>(-1)) {
     Stream& s = *streams_.at(p);
     if (s.syn_waiting) return fail_errno(EAGAIN);
+    if (max == 0) return 0;
     const std::size_t before = out.size();
     const std::size_t want = std::min(max, available(s.end[kRemote]));
     out.resize(before + want);
-    const ssize_t n = end_recv(s, kRemote, out.data() + before, want == 0 ? 1 : want);
-    out.resize(before + static_cast<std::size_t>(std::max<ssize_t>(n, 0)));
+    char probe = 0;  // nothing queued: the call only reports EOF, an error or EAGAIN
+    const ssize_t n =
+        end_recv(s, kRemote, want == 0 ? &probe : out.data() + before, want == 0 ? 1 : want);
+    out.resize(before + (want == 0 ? 0 : static_cast<std::size_t>(std::max<ssize_t>(n, 0))));
+    if (n > 0) trace_bytes(out.data() + before, static_cast<std::size_t>(n));
     trace("peer_recv", static_cast<long>(p), static_cast<long>(max), n);
     return n;
   }
@@ -326,8 +331,10 @@ class Kernel {
     int result = 0;
     if (f.error != 0) {
       result = fail_errno(f.error);
-    } else if (!is(epfd, FileKind::kEpoll) || !fd_open(fd)) {
+    } else if (!fd_open(epfd) || !fd_open(fd)) {
       result = fail_errno(EBADF);
+    } else if (!is(epfd, FileKind::kEpoll)) {
+      result = fail_errno(EINVAL);
     } else if (epfd == fd) {
       result = fail_errno(EINVAL);
     } else {
@@ -343,8 +350,8 @@ class Kernel {
       trace("epoll_wait", epfd, timeout_ms, -1, f.error);
       return fail_errno(f.error);
     }
-    if (!is(epfd, FileKind::kEpoll)) return fail_errno(EBADF);
-    if (max_events <= 0) return fail_errno(EINVAL);
+    if (!fd_open(epfd)) return fail_errno(EBADF);
+    if (!is(epfd, FileKind::kEpoll) || max_events <= 0) return fail_errno(EINVAL);
     check_spin();
     const int max =
         static_cast<int>(std::min<std::size_t>(static_cast<std::size_t>(max_events), f.limit));
@@ -391,9 +398,17 @@ class Kernel {
 
   int sys_timerfd_settime(int fd, int flags, const itimerspec* value, itimerspec* old) {
     if (const int e = fault(Op::kTimerfdSettime, fd).error) return fail_errno(e);
-    if (!is(fd, FileKind::kTimerfd)) return fail_errno(EBADF);
+    if (!fd_open(fd)) return fail_errno(EBADF);
+    if (!is(fd, FileKind::kTimerfd)) return fail_errno(EINVAL);
+    const auto valid = [](const timespec& t) {
+      return t.tv_sec >= 0 && t.tv_nsec >= 0 && t.tv_nsec < 1'000'000'000;
+    };
+    if ((flags & ~(TFD_TIMER_ABSTIME | TFD_TIMER_CANCEL_ON_SET)) != 0 || !valid(value->it_value) ||
+        !valid(value->it_interval)) {
+      return fail_errno(EINVAL);  // timespec64_valid
+    }
     File& f = *table_[fd];
-    if (old != nullptr) *old = itimerspec{};
+    if (old != nullptr) *old = timer_setting(f);
     const auto to_duration = [](const timespec& t) {
       return std::chrono::seconds(t.tv_sec) + std::chrono::nanoseconds(t.tv_nsec);
     };
@@ -439,6 +454,7 @@ class Kernel {
     } else {
       result = read_file(*table_[fd], buffer, std::min(size, f.limit));
     }
+    if (result > 0) trace_bytes(buffer, static_cast<std::size_t>(result));
     trace("read", fd, static_cast<long>(size), result, result < 0 ? errno : 0);
     return result;
   }
@@ -458,6 +474,7 @@ class Kernel {
     } else {
       result = fail_errno(EINVAL);
     }
+    if (result > 0) trace_bytes(buffer, static_cast<std::size_t>(result));
     trace("write", fd, static_cast<long>(size), result, result < 0 ? errno : 0);
     return result;
   }
@@ -474,6 +491,7 @@ class Kernel {
     } else {
       result = socket_send(*table_[fd], buffer, size, f.limit);
     }
+    if (result > 0) trace_bytes(buffer, static_cast<std::size_t>(result));
     trace("send", fd, static_cast<long>(size), result, result < 0 ? errno : 0);
     return result;
   }
@@ -497,6 +515,7 @@ class Kernel {
                         message->msg_iov[i].iov_len);
       }
       result = socket_send(*table_[fd], gathered.data(), size, f.limit);
+      if (result > 0) trace_bytes(gathered.data(), static_cast<std::size_t>(result));
     }
     trace("sendmsg", fd, static_cast<long>(size), result, result < 0 ? errno : 0);
     return result;
@@ -517,7 +536,7 @@ class Kernel {
 
   int sys_bind(int fd, const sockaddr* address, socklen_t /*length*/) {
     if (const int e = fault(Op::kOther, fd).error) return fail_errno(e);
-    if (!is(fd, FileKind::kSocket)) return fail_errno(EBADF);
+    if (!is(fd, FileKind::kSocket)) return fail_errno(fd_open(fd) ? ENOTSOCK : EBADF);
     File& f = *table_[fd];
     if (f.bound || f.stream != kNoStream) return fail_errno(EINVAL);
     if (address->sa_family != f.domain) return fail_errno(EAFNOSUPPORT);
@@ -539,7 +558,7 @@ class Kernel {
 
   int sys_listen(int fd, int backlog) {
     if (const int e = fault(Op::kOther, fd).error) return fail_errno(e);
-    if (!is(fd, FileKind::kSocket)) return fail_errno(EBADF);
+    if (!is(fd, FileKind::kSocket)) return fail_errno(fd_open(fd) ? ENOTSOCK : EBADF);
     File& f = *table_[fd];
     if (f.stream != kNoStream) return fail_errno(EINVAL);
     if (!f.bound) {
@@ -558,7 +577,7 @@ class Kernel {
     if (f.error != 0) {
       result = fail_errno(f.error);
     } else if (!is(fd, FileKind::kSocket)) {
-      result = fail_errno(EBADF);
+      result = fail_errno(fd_open(fd) ? ENOTSOCK : EBADF);
     } else if (!table_[fd]->listening) {
       result = fail_errno(EINVAL);
     } else if (table_[fd]->accept_queue.empty()) {
@@ -589,18 +608,31 @@ class Kernel {
 
   int sys_connect(int fd, const sockaddr* address, socklen_t /*length*/) {
     if (const int e = fault(Op::kConnect, fd).error) return fail_errno(e);
-    if (!is(fd, FileKind::kSocket)) return fail_errno(EBADF);
+    if (!is(fd, FileKind::kSocket)) return fail_errno(fd_open(fd) ? ENOTSOCK : EBADF);
     File& f = *table_[fd];
+    if (f.connect_pending) {  // a non-blocking connect: its outcome is reported once
+      if (f.stream != kNoStream && streams_[f.stream]->syn_waiting) return fail_errno(EALREADY);
+      f.connect_pending = false;
+      if (f.stream != kNoStream) return 0;
+      if (f.connect_error != 0) return fail_errno(std::exchange(f.connect_error, 0));
+      f.refused = false;  // SO_ERROR took the error: this is a new attempt
+    }
     if (f.stream != kNoStream) return fail_errno(EISCONN);
     const std::uint16_t port =
         address->sa_family == AF_INET
             ? ntohs(reinterpret_cast<const sockaddr_in*>(address)->sin_port)
             : ntohs(reinterpret_cast<const sockaddr_in6*>(address)->sin6_port);
     File* listener = find_listener(port, address->sa_family);
-    if (listener == nullptr ||
-        listener->accept_queue.size() > static_cast<std::size_t>(listener->backlog)) {
-      if (!f.nonblock) return fail_errno(listener == nullptr ? ECONNREFUSED : ETIMEDOUT);
-      f.connect_error = listener == nullptr ? ECONNREFUSED : ETIMEDOUT;
+    const bool full = listener != nullptr &&
+                      listener->accept_queue.size() > static_cast<std::size_t>(listener->backlog);
+    if (listener == nullptr || (full && !f.nonblock)) {
+      // Refused (an RST answers the SYN), or a blocking connect that would wait for room.
+      const int error = listener == nullptr ? ECONNREFUSED : ETIMEDOUT;
+      trace("connect", fd, port, -1, static_cast<std::uint64_t>(error));
+      if (!f.nonblock) return fail_errno(error);
+      f.connect_error = error;
+      f.refused = true;
+      f.connect_pending = true;
       wake(f, 0);
       return fail_errno(EINPROGRESS);
     }
@@ -613,10 +645,19 @@ class Kernel {
     s.end[kLocal].port = port;
     f.stream = id;
     f.side = kRemote;
-    enqueue_accept(*listener, id);
+    if (full) {  // the SYN waits for room in the accept queue
+      s.syn_waiting = true;
+      listener->syn_queue.push_back(id);
+    } else {
+      enqueue_accept(*listener, id);
+      wake(f, 0);
+    }
     progress();
     trace("connect", fd, port, f.nonblock ? -1 : 0);
-    if (f.nonblock) return fail_errno(EINPROGRESS);  // connected by the time anyone looks
+    if (f.nonblock) {  // established by the time anyone looks, unless the SYN waits
+      f.connect_pending = true;
+      return fail_errno(EINPROGRESS);
+    }
     return 0;
   }
 
@@ -696,7 +737,7 @@ class Kernel {
     const File& f = *table_[fd];
     if (f.stream == kNoStream) return fail_errno(ENOTCONN);
     const Stream& s = *streams_[f.stream];
-    if (s.end[f.side].reset) return fail_errno(ENOTCONN);
+    if (finished(s, f.side) || s.syn_waiting) return fail_errno(ENOTCONN);
     fill_address(f.domain, s.end[1 - f.side].port, address, length);
     return 0;
   }
@@ -737,13 +778,19 @@ class Kernel {
       result = fail_errno(fault_result.error);
     } else if (!is(fd, FileKind::kSocket)) {
       result = fail_errno(fd_open(fd) ? ENOTSOCK : EBADF);
+    } else if (table_[fd]->listening) {
+      // inet_shutdown in LISTEN: SHUT_WR does nothing, SHUT_RD stops listening.
+      result = 0;
+      if (how == SHUT_RD || how == SHUT_RDWR) stop_listening(*table_[fd]);
     } else if (table_[fd]->stream == kNoStream) {
       result = fail_errno(ENOTCONN);
     } else {
       File& f = *table_[fd];
       Stream& s = *streams_[f.stream];
       result = 0;
-      if (how == SHUT_RD || how == SHUT_RDWR) {
+      if (finished(s, f.side)) {
+        result = fail_errno(ENOTCONN);  // TCP_CLOSE: both FINs went through
+      } else if (how == SHUT_RD || how == SHUT_RDWR) {
         if (s.end[f.side].reset) {
           result = fail_errno(ENOTCONN);
         } else {
@@ -821,7 +868,9 @@ class Kernel {
     bool bound = false, listening = false, reuse_port = false, linger_zero = false;
     std::uint16_t port = 0;
     int backlog = 0;
-    int connect_error = 0;
+    int connect_error = 0;         // a refused non-blocking connect's error, until reported
+    bool connect_pending = false;  // EINPROGRESS was returned; the next connect() reports
+    bool refused = false;          // a connect failed: the socket is closed (tcp_done)
     std::deque<PeerId> accept_queue, syn_queue;
     std::size_t stream = kNoStream;
     int side = kLocal;
@@ -837,6 +886,20 @@ class Kernel {
     // signalfd
     sigset_t mask{}, pending{};
   };
+
+  // What timerfd_gettime would say: time left to the next expiry, and the interval.
+  itimerspec timer_setting(const File& f) const {
+    const auto to_timespec = [](Clock::duration d) {
+      const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(d).count();
+      return timespec{static_cast<time_t>(ns / 1'000'000'000),
+                      static_cast<long>(ns % 1'000'000'000)};
+    };
+    itimerspec setting{};
+    if (f.due != TimePoint::max())
+      setting.it_value = to_timespec(std::max(f.due - now_, Clock::duration(1)));
+    setting.it_interval = to_timespec(f.interval);
+    return setting;
+  }
 
   [[noreturn]] static void die(const char* message) {
     std::fprintf(stderr, "sim::Kernel: %s\n", message);
@@ -867,6 +930,15 @@ class Kernel {
   }
 
   // --- trace and spin detection ----------------------------------------------------------------
+
+  // Folds payload bytes into the trace hash (run-to-run equality covers contents, not only sizes).
+  void trace_bytes(const void* data, std::size_t size) {
+    const auto* p = static_cast<const unsigned char*>(data);
+    for (std::size_t i = 0; i < size; ++i) {
+      hash_ ^= p[i];
+      hash_ *= 0x100000001b3ULL;
+    }
+  }
 
   void trace(const char* call, long a, long b, long result, std::uint64_t extra = 0) {
     std::uint64_t h = hash_;
@@ -949,12 +1021,7 @@ class Kernel {
       }
     }
     if (f.kind == FileKind::kSocket) {
-      if (f.listening) {
-        for (const PeerId id : f.accept_queue) reset_both(*streams_[id]);
-        for (const PeerId id : f.syn_queue) reset_both(*streams_[id]);
-        f.accept_queue.clear();
-        f.syn_queue.clear();
-      }
+      if (f.listening) stop_listening(f);
       if (f.stream != kNoStream) {
         Stream& s = *streams_[f.stream];
         s.end[f.side].fd = -1;
@@ -1052,6 +1119,32 @@ class Kernel {
       other.out_offset = 0;
       notify(other, 0);
     }
+  }
+
+  // A listener closes (or shuts down its reading side): queued connections are reset, and SYNs
+  // still waiting meet a closed port, which refuses them.
+  void stop_listening(File& listener) {
+    for (const PeerId id : listener.accept_queue) reset_both(*streams_[id]);
+    for (const PeerId id : listener.syn_queue) {
+      Stream& s = *streams_[id];
+      s.syn_waiting = false;
+      End& connecting = s.end[kRemote];
+      connecting.reset = true;
+      connecting.got_reset = true;
+      connecting.error = ECONNREFUSED;
+      s.end[kLocal].reset = true;
+      s.end[kLocal].closed = true;
+      notify(connecting, 0);
+    }
+    listener.accept_queue.clear();
+    listener.syn_queue.clear();
+    listener.listening = false;
+  }
+
+  // Both FINs went through: the end is in TCP_CLOSE (LAST_ACK or TIME_WAIT done).
+  bool finished(const Stream& s, int side) const {
+    const End& self = s.end[side];
+    return self.reset || (self.fin_in && self.fin_out && s.end[1 - side].fin_in);
   }
 
   void reset_both(Stream& s) {
@@ -1154,7 +1247,8 @@ class Kernel {
   }
 
   ssize_t socket_send(File& f, const void* data, std::size_t size, std::size_t limit) {
-    if (f.stream == kNoStream) return fail_errno(f.listening ? ENOTCONN : EPIPE);
+    if (f.stream == kNoStream) return fail_errno(EPIPE);  // sk_stream_wait_connect
+    if (streams_[f.stream]->syn_waiting) return fail_errno(EAGAIN);
     End& self = streams_[f.stream]->end[f.side];
     const ssize_t n = end_send(*streams_[f.stream], f.side, data, size, limit);
     if (n > 0) self.io_at = now_;
@@ -1166,7 +1260,12 @@ class Kernel {
   ssize_t read_file(File& f, void* buffer, std::size_t size) {
     switch (f.kind) {
       case FileKind::kSocket: {
-        if (f.stream == kNoStream) return fail_errno(ENOTCONN);
+        if (size == 0) return 0;  // sock_read_iter: nothing asked, nothing done
+        if (f.stream == kNoStream) {
+          if (f.connect_error != 0) return fail_errno(std::exchange(f.connect_error, 0));
+          return f.refused ? 0 : fail_errno(ENOTCONN);
+        }
+        if (streams_[f.stream]->syn_waiting) return fail_errno(EAGAIN);
         const ssize_t n = end_recv(*streams_[f.stream], f.side, buffer, size);
         if (n >= 0) streams_[f.stream]->end[f.side].io_at = now_;
         return n;
@@ -1176,6 +1275,7 @@ class Kernel {
         if (f.counter == 0) return fail_errno(EAGAIN);
         const std::uint64_t value = std::exchange(f.counter, 0);
         std::memcpy(buffer, &value, sizeof value);
+        wake(f, EPOLLOUT);  // eventfd_read wakes writers
         return 8;
       }
       case FileKind::kTimerfd: {
@@ -1213,7 +1313,7 @@ class Kernel {
     if (value == ~std::uint64_t{0}) return fail_errno(EINVAL);
     if (value > ~std::uint64_t{0} - 1 - f.counter) return fail_errno(EAGAIN);
     f.counter += value;
-    if (value > 0) wake(f, EPOLLIN);
+    wake(f, EPOLLIN);  // eventfd_write wakes even for 0
     progress();
     return 8;
   }
@@ -1225,9 +1325,13 @@ class Kernel {
       case FileKind::kSocket: {
         if (f.listening) return f.accept_queue.empty() ? 0u : EPOLLIN | EPOLLRDNORM;
         if (f.stream == kNoStream) {
-          if (f.connect_error != 0) return EPOLLOUT | EPOLLHUP | EPOLLERR;
-          return EPOLLOUT | EPOLLHUP;
+          // Closed: tcp_done after a refused connect sets SHUTDOWN_MASK (IN, RDHUP too).
+          std::uint32_t mask = EPOLLOUT | EPOLLWRNORM | EPOLLHUP;
+          if (f.refused) mask |= EPOLLIN | EPOLLRDNORM | EPOLLRDHUP;
+          if (f.connect_error != 0) mask |= EPOLLERR;
+          return mask;
         }
+        if (streams_[f.stream]->syn_waiting) return 0;  // SYN_SENT
         End& self = streams_[f.stream]->end[f.side];
         const bool rcv_shut = self.fin_in || self.shut_rd || self.reset;
         const bool snd_shut = self.fin_out || self.reset;
@@ -1243,8 +1347,8 @@ class Kernel {
         if (self.error != 0) mask |= EPOLLERR;
         return mask;
       }
-      case FileKind::kEventfd:
-        return (f.counter > 0 ? EPOLLIN : 0u) | EPOLLOUT;
+      case FileKind::kEventfd:  // eventfd_poll: writable while a write of 1 would not block
+        return (f.counter > 0 ? EPOLLIN : 0u) | (f.counter < ~std::uint64_t{0} - 1 ? EPOLLOUT : 0u);
       case FileKind::kTimerfd:
         return f.ticks > 0 ? EPOLLIN : 0u;
       case FileKind::kSignalfd:
