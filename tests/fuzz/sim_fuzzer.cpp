@@ -33,6 +33,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <csignal>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
@@ -87,7 +88,7 @@ struct Random {
   X(closed_clean) X(closed_timed_out) X(closed_reset) X(closed_pipe) X(closed_canceled) \
   X(closed_handler_exception) X(closed_output_limit) X(closed_input_limit) X(closed_hangup) \
   X(closed_other) X(shutdowns) X(shutdown_stopped) X(runs_until_stop) X(destroyed) \
-  X(world_actions) X(handle_sends_outside) X(posts)
+  X(world_actions) X(handle_sends_outside) X(posts) X(signals)
 // clang-format on
 struct Stats {
 #define SIM_FUZZ_FIELD(name) std::size_t name = 0;
@@ -145,6 +146,13 @@ class Scenario {
     void on_close(Conn& c, std::error_code reason) { s->on_close(c, index, reason); }
   };
 
+  // SIGTERM through a SignalSet (signalfd): stops the loop, as echo_server's handler does.
+  struct OnSignal {
+    Scenario* s;
+    void operator()(int signo) { s->on_signal(signo); }
+  };
+  using Signals = reactor::SignalSet<OnSignal, Loop>;
+
   struct Track {
     sim::PeerId peer = 0;
     Conn* conn = nullptr;  // from on_open until on_close
@@ -194,6 +202,9 @@ class Scenario {
       acceptor_ = std::make_unique<Acceptor>(*loop_, reactor::Endpoint::parse("127.0.0.1:0"),
                                              Handler{this, kNoTrack}, listen);
       port_ = acceptor_->local_endpoint().port();
+      if (in_.flag())
+        signals_ =
+            std::make_unique<Signals>(*loop_, std::initializer_list<int>{SIGTERM}, OnSignal{this});
       faults_on_ = fault_rate_ > 0;
       for (int step = 0; step < kMaxSteps && !in_.empty() && !ended_; ++step) {
         kernel_.external_step();
@@ -203,6 +214,8 @@ class Scenario {
       faults_on_ = false;
       kernel_.set_fd_limit(1024);
       if (!ended_) drain();
+      if (signals_ != nullptr && raised_ > 0) FUZZ_CHECK(handled_ > 0);
+      signals_.reset();
       if (loop_ != nullptr) {
         acceptor_.reset();
         loop.reset();  // aborts what is left: on_close for each
@@ -304,6 +317,13 @@ class Scenario {
   // --- hooks -------------------------------------------------------------------------------------
 
   void check_alive(Track& t, Conn& c) { FUZZ_CHECK(t.opens == 1 && t.closes == 0 && t.conn == &c); }
+
+  void on_signal(int signo) {
+    FUZZ_CHECK(signo == SIGTERM);
+    FUZZ_CHECK(++handled_ <= raised_);  // pending signals coalesce: never more than raised
+    ++stats.signals;
+    if (in_.flag()) loop_->stop();
+  }
 
   void on_open(Conn& c, Handler& handler) {
     if (handler.index == kNoTrack) {  // accepted: find the peer by the fd the kernel gave it
@@ -709,8 +729,11 @@ class Scenario {
     kernel_.after(delay, [this, what, index] {
       if (loop_ == nullptr) return;
       FUZZ_CHECK(!reactor::detail::running_in_this_thread(loop_));
-      if (what < 100) {
+      if (what < 90) {
         post_task();
+      } else if (what < 110 && signals_ != nullptr) {
+        ++raised_;
+        kernel_.raise_signal(SIGTERM);
       } else if (what < 200) {
         if (index < tracks_.size()) handle_send_outside(index);
       } else {
@@ -918,6 +941,8 @@ class Scenario {
   reactor::ConnectionOptions options_;
   Loop* loop_ = nullptr;
   std::unique_ptr<Acceptor> acceptor_;
+  std::unique_ptr<Signals> signals_;
+  std::size_t raised_ = 0, handled_ = 0;
   std::uint16_t port_ = 0;
   std::deque<Track> tracks_;
   std::vector<TimerModel> timers_;
