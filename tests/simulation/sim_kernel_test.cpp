@@ -16,6 +16,7 @@
 // connection — and each was fixed in sim_kernel.hpp; the cases stay as their regression tests.)
 #include <arpa/inet.h>
 #include <fcntl.h>
+#include <linux/sockios.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <sys/epoll.h>
@@ -175,6 +176,12 @@ template <class Policy>
 class World {
  public:
   using Sys = Policy;
+
+  // SIOCOUTQ: bytes of ours the kernel has not delivered (-1 if the call fails).
+  int outq(int fd) {
+    int value = -1;
+    return Policy::ioctl(fd, SIOCOUTQ, &value) == 0 ? value : -1;
+  }
 
   // Records `fd` as the test's (if it is one); returns it.
   int own(int fd) {
@@ -854,6 +861,7 @@ TEMPLATE_TEST_CASE(
   CHECK(written > 0);
   CHECK(outcome(world.send(conn.fd, "x")) == "-1 EAGAIN");
   CHECK(world.wait(ep_level, 0) == "none");  // full: no EPOLLOUT
+  CHECK(world.outq(conn.fd) > 0);            // SIOCOUTQ: undelivered bytes (the linger check)
 
   // An edge-triggered watcher added now sees no edge either.
   const int ep_edge = world.epoll();
@@ -876,6 +884,14 @@ TEMPLATE_TEST_CASE(
   }
   CHECK(received == written);
   CHECK(received_at_epollout > 1);
+  // Everything delivered: SIOCOUTQ drops to 0 (on Linux once the last ACK is in, which no event
+  // announces, so it is looked for within a generous bound).
+  int outq = world.outq(conn.fd);
+  for (int i = 0; i < 200 && outq != 0; ++i) {
+    ::poll(nullptr, 0, 5);
+    outq = world.outq(conn.fd);
+  }
+  CHECK(outq == 0);
   CHECK(world.wait(ep_level, 0) == "OUT");
   CHECK(world.wait(ep_edge, 0) == "OUT");  // the write-space wakeup: one edge
   CHECK(world.wait(ep_edge, 0) == "none");
