@@ -709,10 +709,13 @@ class Connection final : private detail::OwnedWatcher {
     }
   }
 
-  // Whether the kernel still holds bytes of ours that the peer has not received. TCP only: on a
-  // Unix socket SIOCOUTQ also counts bytes queued at the receiver, which closing does not lose.
+  // Lingering (our FIN sent): whether the kernel still holds bytes of ours the peer has not
+  // received. SIOCOUTQ counts the FIN's sequence number until the peer acknowledges it, which
+  // Linux delays (tcp_fin: 40 ms or more), so 1 means only the FIN is outstanding; ACKs are
+  // cumulative, so any data byte still unacknowledged makes it 2 or more. TCP only: on a Unix
+  // socket SIOCOUTQ also counts bytes queued at the receiver, which closing does not lose.
   bool undelivered() const noexcept {
-    return (flags_ & kTcp) != 0 && detail::unsent_bytes<Sys>(fd) > 0;
+    return (flags_ & kTcp) != 0 && detail::unsent_bytes<Sys>(fd) > 1;
   }
 
   void on_timer() noexcept {

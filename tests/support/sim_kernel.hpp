@@ -31,7 +31,9 @@
 //     RST comes back within the same send); the sender then reports EPIPE if the closed end's FIN
 //     had arrived, else ECONNRESET (tcp_reset);
 //   - sigprocmask changes nothing; signals reach signalfds only through Kernel::raise_signal();
-//   - EPOLLEXCLUSIVE, EPOLLWAKEUP and nested epoll sets are accepted and ignored.
+//   - EPOLLEXCLUSIVE, EPOLLWAKEUP and nested epoll sets are accepted and ignored;
+//   - SIOCOUTQ counts the send queue only: nothing is unacknowledged here, while Linux counts sent
+//     bytes until their ACK and our FIN until the peer's (delayed) ACK of it.
 #pragma once
 
 #include <linux/sockios.h>
