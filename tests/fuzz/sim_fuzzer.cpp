@@ -19,8 +19,9 @@
 //   - on_open first and once, on_close exactly once and last, no hook after it, on_eof at most
 //     once and only after the peer half-closed or went away;
 //   - a handle to a closed connection reports not_connected;
-//   - timers never fire early; a one-shot timer due before an iteration began has fired when that
-//     iteration returns; a cancelled timer never fires; pending_timers() matches the model;
+//   - timers never fire early, nor more than 1 ms late (simulated time passes only while the loop
+//     waits); a one-shot timer due before an iteration began has fired when that iteration
+//     returns; a cancelled timer never fires; pending_timers() matches the model;
 //   - posted tasks run once each, in order;
 //   - the loop never spins (the simulator counts epoll_wait calls at one virtual instant with
 //     nothing moving) and never blocks forever while a timer is pending (a lost timer);
@@ -494,6 +495,15 @@ class Scenario {
     TimerModel& m = timers_[index];
     FUZZ_CHECK(m.pending);
     FUZZ_CHECK(kernel_.now() >= m.due);  // never early
+    // Never late either: simulated time passes only while the loop waits in epoll_wait, and the
+    // timerfd must end that wait at the deadline (1 ms: the rounding of epoll_wait's timeout,
+    // should the reactor fall back to it).
+    if (kernel_.now() > m.due + milliseconds(1)) {
+      std::fprintf(stderr, "sim_fuzzer: a timer due at %lld ns ran at %lld ns\n",
+                   static_cast<long long>(m.due.time_since_epoch().count()),
+                   static_cast<long long>(kernel_.now().time_since_epoch().count()));
+      FUZZ_CHECK(!"timer late");
+    }
     ++m.fired;
     if (m.period == Clock::duration::zero()) {
       m.pending = false;
