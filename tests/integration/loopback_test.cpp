@@ -286,3 +286,46 @@ TEMPLATE_TEST_CASE("a peer that never sends its FIN is closed after linger_timeo
   CHECK(loop.connection_count() == 0);
   CHECK(test::open_fd_count() == fds_before + 1);  // only the peer's end is left
 }
+
+// Issue 9: the scenario fuzzer (simulated kernel) found that a linger which runs out while the peer
+// reads nothing reported an orderly close, though the kernel still held most of the response and
+// an RST (the peer sending again, say) would drop it. Now on_close says timed_out: delivery was not
+// confirmed (SIOCOUTQ). Nothing is lost by the close itself: no RST goes out, since nothing was
+// left unread on the server's side, and once the peer reads, the kernel delivers all of it.
+TEMPLATE_TEST_CASE("a linger that runs out while the peer reads nothing reports timed_out",
+                   "[integration][tcp][close][linger]", reactor::LevelTriggered,
+                   reactor::EdgeTriggered) {
+  constexpr auto kLinger = 50ms;
+  Log log;
+  reactor::Reactor<TestType> loop;
+  reactor::ListenOptions options;
+  options.connection.linger_timeout = kLinger;
+  // Far more than a receive window that nobody reads, far less than the send buffer loopback
+  // grants, so close() flushes it all into the kernel and starts lingering at once.
+  const std::string response = test::pattern(512 << 10, 31);
+  reactor::Acceptor<RespondAndClose, decltype(loop)> acceptor(
+      loop, reactor::Endpoint::parse("127.0.0.1:0"), RespondAndClose{&log, response}, options);
+  test::Peer peer(reactor::connect(acceptor.local_endpoint()));
+  peer.to_send = "hi";
+  peer.reading = false;
+  REQUIRE(test::run_until(
+      loop,
+      [&] {
+        peer.step();
+        return log.closes > 0;
+      },
+      10s));
+  CHECK(log.reason == std::errc::timed_out);
+  REQUIRE(log.close_called.has_value());
+  CHECK(*log.closed_at - *log.close_called >= kLinger);
+
+  peer.reading = true;
+  REQUIRE(test::run_until(loop, [&] {
+    peer.step();
+    return peer.eof || peer.error != 0;
+  }));
+  CHECK(peer.error == 0);
+  CHECK(peer.received.size() == response.size());
+  CHECK(peer.received == response);
+  CHECK(log.closes == 1);
+}
