@@ -138,7 +138,7 @@ class Connection final : private detail::OwnedWatcher {
       while (size > 0) {
         const ssize_t n = Sys::send(fd, bytes, size, MSG_NOSIGNAL);
         if (n >= 0) {
-          last_write_ = loop_->cached_now();
+          last_write_ = loop_->activity_now();  // send() may run outside the loop
           bytes += n;
           size -= static_cast<std::size_t>(n);
           break;  // the kernel took what fits; the rest waits for EPOLLOUT
@@ -392,7 +392,16 @@ class Connection final : private detail::OwnedWatcher {
       if ((events & EPOLLPRI) != 0) flags_ &= ~kShortReadDrains;
     }
     if ((events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) != 0 && reading_enabled()) {
-      read_some(true);
+      if constexpr (!kEdge) {
+        // Input kept while paused goes back to on_data before anything read after it, the EOF
+        // included: resume_reading() re-armed EPOLLIN, and this event can come before the ready
+        // list that was to redeliver it (edge mode redelivers there, with no new event first).
+        if ((flags_ & kRedeliverInput) != 0) {
+          redeliver_kept_input();
+          if (fd < 0) return;
+        }
+      }
+      if (reading_enabled()) read_some(true);
       if (fd < 0) return;
     }
     if ((events & (EPOLLOUT | EPOLLHUP | EPOLLERR)) != 0 && !output_.empty()) {
@@ -403,7 +412,14 @@ class Connection final : private detail::OwnedWatcher {
       // EPOLLHUP cannot be masked: level-triggered, it would fire on every epoll_wait. When the
       // connection can neither read (paused, EOF seen) nor write, nothing will clear it.
       if ((events & EPOLLHUP) != 0 && !reading_enabled() && output_.empty()) {
-        fail(make_error_code(Error::kPeerHangup));
+        if ((flags_ & (kUserPaused | kEof)) == kUserPaused && phase_ <= Phase::kFinSent) {
+          // Both FINs are through but the handler paused before the peer's EOF, which is still
+          // to be read. Leave the epoll set (the EPOLLHUP would spin) until the handler resumes
+          // (reading_resumed re-adds it).
+          loop_->deregister(*this);
+        } else {
+          fail(make_error_code(Error::kPeerHangup));
+        }
       }
     }
   }
@@ -460,18 +476,34 @@ class Connection final : private detail::OwnedWatcher {
       return;
     }
     if (!reading_enabled()) return;
-    const bool redeliver = (flags_ & kRedeliverInput) != 0;
-    flags_ &= ~kRedeliverInput;
-    if (redeliver && !input_.empty()) {
-      call_on_data(input_.data(), input_.size(), true);
+    if ((flags_ & kRedeliverInput) != 0) {
+      redeliver_kept_input();
       if (!reading_enabled()) return;
     }
-    if constexpr (kEdge) read_some(false);
+    if constexpr (kEdge) {
+      read_some(false);
+    }
+  }
+
+  // Hands the input kept while reading was paused back to on_data (resume_reading() asked for it).
+  void redeliver_kept_input() noexcept {
+    flags_ &= ~kRedeliverInput;
+    if (!input_.empty()) call_on_data(input_.data(), input_.size(), true);
   }
 
   void reading_resumed() noexcept {
     if (!reading_enabled()) return;
-    last_read_ = loop_->cached_now();  // the read timeout does not count time spent paused
+    if constexpr (!kEdge) {
+      if (!registered) {  // left the epoll set on EPOLLHUP while paused: back in, reading
+        if (const std::error_code ec = loop_->add(*this, EPOLLIN | EPOLLRDHUP)) {
+          fail(ec);
+          return;
+        }
+      }
+    }
+    // The read timeout does not count time spent paused; resume_reading() may run outside the
+    // loop, where the loop's cached clock is as old as its last iteration.
+    last_read_ = loop_->activity_now();
     if (!input_.empty()) flags_ |= kRedeliverInput;
     // Edge mode: bytes that arrived while paused raised no new edge, so go and read them.
     if (kEdge || !input_.empty()) loop_->schedule_ready(*this);
@@ -670,6 +702,11 @@ class Connection final : private detail::OwnedWatcher {
   void update_interest() noexcept {
     if constexpr (!kEdge) {
       if (fd < 0) return;
+      if (!registered) {  // out of the epoll set after EPOLLHUP while paused
+        // Closing from there: linger reads to the EOF (handle_resume), no event will ask.
+        if (phase_ == Phase::kLingering) loop_->schedule_ready(*this);
+        return;
+      }
       const std::uint32_t wanted =
           (reading_enabled() || phase_ == Phase::kLingering ? EPOLLIN | EPOLLRDHUP : 0u) |
           (output_.empty() ? 0u : static_cast<std::uint32_t>(EPOLLOUT));
@@ -887,8 +924,8 @@ class Connection final : private detail::OwnedWatcher {
 // Hands a connected socket to `loop` as a Connection with `handler`; sets O_NONBLOCK on it and
 // calls on_open. Returns nullptr with `ec` set on failure (the fd is closed then). The pointer is
 // valid until on_close returns.
-template <class Handler, class R>
-Connection<Handler, R>* adopt(R& loop, UniqueFd socket, Handler handler,
+template <class Handler, class R, class FdSys>
+Connection<Handler, R>* adopt(R& loop, BasicUniqueFd<FdSys> socket, Handler handler,
                               const ConnectionOptions& options, std::error_code& ec) noexcept {
   using Sys = typename R::syscalls;
   const int flags = Sys::fcntl(socket.get(), F_GETFL, 0);
@@ -904,8 +941,8 @@ Connection<Handler, R>* adopt(R& loop, UniqueFd socket, Handler handler,
 }
 
 // Throwing overload: std::system_error naming "adopt".
-template <class Handler, class R>
-Connection<Handler, R>& adopt(R& loop, UniqueFd socket, Handler handler,
+template <class Handler, class R, class FdSys>
+Connection<Handler, R>& adopt(R& loop, BasicUniqueFd<FdSys> socket, Handler handler,
                               const ConnectionOptions& options = {}) {
   std::error_code ec;
   Connection<Handler, R>* connection =

@@ -1,27 +1,34 @@
 // Public: UniqueFd, the move-only owner of one file descriptor on the user's side (a connected
 // socket about to be adopted, say). Objects inside the library own their fds directly and close
-// them through their reactor's syscall policy.
+// them through their reactor's syscall policy. BasicUniqueFd<Sys> closes through policy Sys, so an
+// fd of a simulated kernel (tests/support/sim_kernel.hpp) is never handed to the real close();
+// UniqueFd is BasicUniqueFd<LinuxSyscalls>.
 #pragma once
-
-#include <unistd.h>
 
 #include <utility>
 
+#include "syscalls.hpp"
+
 namespace reactor {
 
-class UniqueFd {
+template <class Sys = LinuxSyscalls>
+class BasicUniqueFd {
  public:
-  UniqueFd() noexcept = default;
+  BasicUniqueFd() noexcept = default;
   // Takes ownership of `fd` (-1 for none).
-  explicit UniqueFd(int fd) noexcept : fd_(fd) {}
-  UniqueFd(UniqueFd&& other) noexcept : fd_(other.release()) {}
-  UniqueFd& operator=(UniqueFd&& other) noexcept {
+  explicit BasicUniqueFd(int fd) noexcept : fd_(fd) {}
+  BasicUniqueFd(BasicUniqueFd&& other) noexcept : fd_(other.release()) {}
+  // Takes over an fd owned under another policy (one that wraps the same kernel, as a fault
+  // injecting policy does); explicit, since the two must agree on what the fd is.
+  template <class Other>
+  explicit BasicUniqueFd(BasicUniqueFd<Other>&& other) noexcept : fd_(other.release()) {}
+  BasicUniqueFd& operator=(BasicUniqueFd&& other) noexcept {
     if (this != &other) reset(other.release());
     return *this;
   }
-  UniqueFd(const UniqueFd&) = delete;
-  UniqueFd& operator=(const UniqueFd&) = delete;
-  ~UniqueFd() { reset(); }
+  BasicUniqueFd(const BasicUniqueFd&) = delete;
+  BasicUniqueFd& operator=(const BasicUniqueFd&) = delete;
+  ~BasicUniqueFd() { reset(); }
 
   int get() const noexcept { return fd_; }
   explicit operator bool() const noexcept { return fd_ >= 0; }
@@ -31,12 +38,14 @@ class UniqueFd {
 
   // Closes the owned fd (never retried: after EINTR the fd is gone on Linux) and takes `fd`.
   void reset(int fd = -1) noexcept {
-    if (fd_ >= 0) ::close(fd_);
+    if (fd_ >= 0) Sys::close(fd_);
     fd_ = fd;
   }
 
  private:
   int fd_ = -1;
 };
+
+using UniqueFd = BasicUniqueFd<>;
 
 }  // namespace reactor

@@ -73,26 +73,27 @@ struct ShutdownReport {
 
 namespace detail {
 
-// `start + delay`, saturated at the clock's range instead of overflowing. The comparison is made
-// in the delay's own unit (hours::max() would overflow on conversion to nanoseconds), so any
-// duration no finer than the clock's is accepted.
+// `start + delay`, saturated at the clock's range instead of overflowing, for delays of either
+// sign. The delay is first compared with the clock's range in its own unit (hours::max() would
+// overflow on conversion to nanoseconds), so any duration no finer than the clock's is accepted;
+// then the tick counts are added with an overflow check.
 template <class Rep, class Period>
 std::chrono::steady_clock::time_point saturating_add(
     std::chrono::steady_clock::time_point start,
     std::chrono::duration<Rep, Period> delay) noexcept {
   using Clock = std::chrono::steady_clock;
+  using Ticks = Clock::duration;
   using Delay = std::chrono::duration<Rep, Period>;
-  static_assert(std::is_convertible_v<Delay, Clock::duration>,
+  static_assert(std::is_convertible_v<Delay, Ticks>,
                 "reactor: durations finer than the steady clock's are not supported");
-  if (delay > Delay::zero() &&
-      delay >= std::chrono::duration_cast<Delay>(Clock::time_point::max() - start)) {
-    return Clock::time_point::max();
+  if (delay >= std::chrono::duration_cast<Delay>(Ticks::max())) return Clock::time_point::max();
+  if (delay <= std::chrono::duration_cast<Delay>(Ticks::min())) return Clock::time_point::min();
+  const Ticks::rep ticks = std::chrono::duration_cast<Ticks>(delay).count();
+  Ticks::rep sum = 0;
+  if (__builtin_add_overflow(start.time_since_epoch().count(), ticks, &sum)) {
+    return ticks > 0 ? Clock::time_point::max() : Clock::time_point::min();
   }
-  if (delay < Delay::zero() &&
-      delay <= std::chrono::duration_cast<Delay>(Clock::time_point::min() - start)) {
-    return Clock::time_point::min();
-  }
-  return start + std::chrono::duration_cast<Clock::duration>(delay);
+  return Clock::time_point(Ticks(sum));
 }
 
 // The reactors this thread is running, innermost first (asio's call_stack): "am I on the loop
@@ -247,8 +248,9 @@ class Reactor {
   TimerId schedule_at(Clock::time_point due, F&& callback) {
     return schedule(due, Clock::duration::zero(), std::forward<F>(callback));
   }
-  // Runs every `period` (first after one period) at start + k * period, without drift; a period
-  // missed because the loop was busy is skipped, not run twice. A period under 1 µs (zero or
+  // Runs every `period` (first after one period) at start + k * period, without drift. When the
+  // loop was busy past one or more deadlines, the timer runs once, late, and goes on at the next
+  // start + k * period still ahead: missed periods are not made up. A period under 1 µs (zero or
   // negative included) is raised to 1 µs: such a timer runs on every loop iteration. A period past
   // the clock's range never fires.
   template <class Rep, class Period, class F>
@@ -296,8 +298,9 @@ class Reactor {
   // on_shutdown(conn) hook decides instead: the hook is called once, and the connection stays
   // until the handler closes it. Timers and posted work keep running meanwhile. At the deadline,
   // or as soon as stop() is called during the grace period (a second signal, say), what is left is
-  // aborted (on_close gets operation_canceled). Returns the counts; report.error is set, and
-  // nothing done, when called from a callback or while another thread runs the loop.
+  // aborted (on_close gets operation_canceled); a stop() made during it is consumed by it. Returns
+  // the counts; report.error is set, and nothing done, when called from a callback or while
+  // another thread runs the loop.
   ShutdownReport shutdown(std::chrono::milliseconds grace,
                           std::chrono::milliseconds quiet = kDefaultQuietPeriod) noexcept {
     ShutdownReport report;
@@ -326,6 +329,10 @@ class Reactor {
         break;
       }
     }
+    // A stop() that came during the grace was meant for this shutdown, even when the last
+    // connection closed in the same iteration and nothing was left to abort: it must not make
+    // the next run() return at once.
+    stop_requested_.store(false, std::memory_order_release);
     aborting_ = true;
     for_each_open_connection(detail::WatcherOp::kAbort);
     finalize_closed();
@@ -751,6 +758,12 @@ class Reactor {
   // The clock as of this iteration's epoll_wait; stale while nothing is timed, when nothing reads
   // it.
   Clock::time_point cached_now() const noexcept { return now_; }
+  // For activity stamps: the cached clock inside the loop, the policy's clock outside it (between
+  // run_once() calls the cached one is as old as the last iteration, and a timeout measured from
+  // it would fire early by that much). Outside the loop only its owner thread may call in.
+  Clock::time_point activity_now() const noexcept {
+    return in_use_.load(std::memory_order_relaxed) ? now_ : detail::clock_now<Sys>();
+  }
 
   // True on the thread inside this reactor's run(), run_once() or shutdown() (callbacks
   // included), false everywhere else, the creating thread included while the loop is not run.

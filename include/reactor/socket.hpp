@@ -22,13 +22,13 @@ namespace reactor {
 // fails; the returned socket is non-blocking and close-on-exec, with TCP_NODELAY for TCP. Returns
 // an empty UniqueFd with `ec` set on failure (connection_refused, ...).
 template <SyscallPolicy Sys = LinuxSyscalls>
-UniqueFd connect(const Endpoint& endpoint, std::error_code& ec) noexcept {
+BasicUniqueFd<Sys> connect(const Endpoint& endpoint, std::error_code& ec) noexcept {
   ec.clear();
   if (endpoint.empty()) {
     ec = std::make_error_code(std::errc::address_family_not_supported);
     return {};
   }
-  UniqueFd socket(Sys::socket(endpoint.family(), SOCK_STREAM | SOCK_CLOEXEC, 0));
+  BasicUniqueFd<Sys> socket(Sys::socket(endpoint.family(), SOCK_STREAM | SOCK_CLOEXEC, 0));
   if (!socket) {
     ec = detail::last_errno_code();
     return {};
@@ -71,9 +71,9 @@ UniqueFd connect(const Endpoint& endpoint, std::error_code& ec) noexcept {
 
 // Throwing overload: std::system_error naming "connect".
 template <SyscallPolicy Sys = LinuxSyscalls>
-UniqueFd connect(const Endpoint& endpoint) {
+BasicUniqueFd<Sys> connect(const Endpoint& endpoint) {
   std::error_code ec;
-  UniqueFd socket = connect<Sys>(endpoint, ec);
+  BasicUniqueFd<Sys> socket = connect<Sys>(endpoint, ec);
   detail::throw_if(ec, "connect");
   return socket;
 }

@@ -618,7 +618,8 @@ class Scenario {
       const std::size_t index = tracks_.size() - 1;
       tracks_[index].peer = peer;
       std::error_code ec;
-      Conn* c = reactor::adopt(*loop_, reactor::UniqueFd(fd), Handler{this, index}, options_, ec);
+      Conn* c = reactor::adopt(*loop_, reactor::BasicUniqueFd<sim::SimSyscalls>(fd),
+                               Handler{this, index}, options_, ec);
       if (c == nullptr) {  // registration failed (an injected ENOMEM): no hook ran, fd closed
         FUZZ_CHECK(tracks_[index].opens == 0 && !kernel_.fd_open(fd));
         tracks_[index].peer_gone = true;
