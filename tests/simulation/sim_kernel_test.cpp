@@ -898,6 +898,35 @@ TEMPLATE_TEST_CASE(
   CHECK(outcome(world.send(conn.fd, "more")) == "4");
 }
 
+TEMPLATE_TEST_CASE("SIOCOUTQ counts our FIN until it is delivered, one more than the bytes",
+                   "[sim][tcp]", LinuxWorld, SimWorld) {
+  TestType world;
+  const auto conn = connect_pair(world, world.listen());
+  const std::string chunk(100'003, 'f');
+  Io last;
+  for (int i = 0; i < 1000; ++i) {
+    last = world.send(conn.fd, chunk);
+    if (last.result < 0) break;
+  }
+  CHECK(outcome(last) == "-1 EAGAIN");  // the reader stalls: bytes wait in our send queue
+  const int before = world.outq(conn.fd);
+  CHECK(before > 0);
+  CHECK(outcome(world.shutdown(conn.fd, SHUT_WR)) == "0");
+  CHECK(world.outq(conn.fd) == before + 1);  // the FIN's sequence number, queued behind them
+  // The reader drains everything and the EOF: nothing of ours is outstanding once its ACK of the
+  // FIN is in (Linux delays that ACK, so it is looked for within a bound).
+  for (int i = 0; i < 10000; ++i) {
+    const Io io = world.peer_recv(conn.peer, 65536);
+    if (io.result <= 0) break;
+  }
+  int outq = world.outq(conn.fd);
+  for (int i = 0; i < 200 && outq != 0; ++i) {
+    ::poll(nullptr, 0, 5);
+    outq = world.outq(conn.fd);
+  }
+  CHECK(outq == 0);
+}
+
 TEST_CASE(
     "a simulated send queue is writable at 2/3 full and wakes an edge watcher when drained to it",
     "[sim][tcp]") {
@@ -1525,25 +1554,33 @@ std::function<void(const std::string&)> report_to(int fd) {
   };
 }
 
-// A kernel with one ready eventfd in an epoll set; with `consume`, each round reads and rewrites
-// it (bytes move), otherwise the loop only waits.
-void wait_on_ready_eventfd(int report_fd, std::size_t spin_limit, int rounds, bool consume) {
+// A kernel with one ready fd in an epoll set, waited on `rounds` times at one virtual instant.
+// kSpin: a ready eventfd nobody reads. kEventfd: the eventfd is read and written again each
+// round, a loop that keeps waking itself (posts, a timer due now): a spin too. kBytes: a socket
+// whose peer sends a byte each round, read each round: bytes move, so not a spin.
+enum class Round { kSpin, kEventfd, kBytes };
+
+void wait_on_ready_fd(int report_fd, std::size_t spin_limit, int rounds, Round what) {
   sim::Kernel kernel;
   kernel.set_failure_handler(report_to(report_fd));
   kernel.set_spin_limit(spin_limit);
   using Sys = sim::SimSyscalls;
   const int ep = Sys::epoll_create1(EPOLL_CLOEXEC);
   const int efd = Sys::eventfd(1, EFD_NONBLOCK);
+  const auto [socket, peer] = kernel.open_connected();
   epoll_event event{};
   event.events = EPOLLIN;
-  Sys::epoll_ctl(ep, EPOLL_CTL_ADD, efd, &event);
+  Sys::epoll_ctl(ep, EPOLL_CTL_ADD, what == Round::kBytes ? socket : efd, &event);
   for (int i = 0; i < rounds; ++i) {
+    if (what == Round::kBytes && kernel.peer_send(peer, "x") != 1) ::_exit(6);
     if (Sys::epoll_wait(ep, &event, 1, 0) != 1) ::_exit(3);
-    if (consume) {
-      std::uint64_t value = 0;
+    std::uint64_t value = 0;
+    if (what == Round::kEventfd) {
       if (Sys::read(efd, &value, sizeof value) != 8) ::_exit(4);
       value = 1;
       if (Sys::write(efd, &value, sizeof value) != 8) ::_exit(5);
+    } else if (what == Round::kBytes) {
+      if (Sys::read(socket, &value, 1) != 1) ::_exit(7);
     }
   }
 }
@@ -1552,14 +1589,21 @@ void wait_on_ready_eventfd(int report_fd, std::size_t spin_limit, int rounds, bo
 
 TEST_CASE("a loop that waits on a ready fd without consuming it is reported as a spin and aborted",
           "[sim][failure]") {
-  const ChildEnd spin = run_in_child([](int fd) { wait_on_ready_eventfd(fd, 50, 1000, false); });
+  const ChildEnd spin = run_in_child([](int fd) { wait_on_ready_fd(fd, 50, 1000, Round::kSpin); });
   CHECK(died_of_abort(spin.status));
   CHECK(spin.report.find("the loop spins: 51 epoll_wait calls at one virtual instant") !=
         std::string::npos);
   CHECK(spin.report.find("last calls:") != std::string::npos);
 
-  // The same loop consuming what it is woken for is not a spin.
-  const ChildEnd busy = run_in_child([](int fd) { wait_on_ready_eventfd(fd, 50, 1000, true); });
+  // Waking itself through an eventfd at one instant (a post or a timer due now, over and over)
+  // moves no byte either: also a spin.
+  const ChildEnd wakes =
+      run_in_child([](int fd) { wait_on_ready_fd(fd, 50, 1000, Round::kEventfd); });
+  CHECK(died_of_abort(wakes.status));
+  CHECK(wakes.report.find("the loop spins") != std::string::npos);
+
+  // A loop that reads the bytes it is woken for is not a spin.
+  const ChildEnd busy = run_in_child([](int fd) { wait_on_ready_fd(fd, 50, 1000, Round::kBytes); });
   CHECK(WIFEXITED(busy.status));
   CHECK(WEXITSTATUS(busy.status) == 0);
   CHECK(busy.report.empty());

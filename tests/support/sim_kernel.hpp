@@ -32,8 +32,10 @@
 //     had arrived, else ECONNRESET (tcp_reset);
 //   - sigprocmask changes nothing; signals reach signalfds only through Kernel::raise_signal();
 //   - EPOLLEXCLUSIVE, EPOLLWAKEUP and nested epoll sets are accepted and ignored;
-//   - SIOCOUTQ counts the send queue only: nothing is unacknowledged here, while Linux counts sent
-//     bytes until their ACK and our FIN until the peer's (delayed) ACK of it.
+//   - SIOCOUTQ counts the send queue and an undelivered FIN: nothing is unacknowledged here, while
+//     Linux counts sent bytes until their ACK and our FIN until the peer's (delayed) ACK of it;
+//   - signals, eventfd writes and timerfd expiries are not progress to the spin detector: a post
+//     or timer that keeps waking the loop at one virtual instant is reported as a spin.
 #pragma once
 
 #include <linux/sockios.h>
@@ -107,6 +109,8 @@ struct Fault {
 using PeerId = std::size_t;
 
 class Kernel {
+  friend struct SimSyscalls;  // traces each call (traced, note)
+
  public:
   // Installs itself as this thread's kernel (one at a time).
   explicit Kernel(std::size_t stream_capacity = 64 * 1024) : capacity_(stream_capacity) {
@@ -324,7 +328,6 @@ class Kernel {
     const int fd = allocate_fd();
     if (fd < 0) return -1;
     install(fd, FileKind::kEpoll);
-    trace("epoll_create1", 0, 0, fd);
     return fd;
   }
 
@@ -342,14 +345,13 @@ class Kernel {
     } else {
       result = epoll_control(*table_[epfd], op, *table_[fd], event);
     }
-    trace("epoll_ctl", epfd * 16 + op, fd, result, event != nullptr ? event->events : 0);
+    note(event != nullptr ? event->events : 0);
     return result;
   }
 
   int sys_epoll_wait(int epfd, epoll_event* events, int max_events, int timeout_ms) {
     const Fault f = fault(Op::kEpollWait, epfd);
     if (f.error != 0) {
-      trace("epoll_wait", epfd, timeout_ms, -1, f.error);
       return fail_errno(f.error);
     }
     if (!fd_open(epfd)) return fail_errno(EBADF);
@@ -373,7 +375,7 @@ class Kernel {
     }
     std::uint32_t mix = 0;
     for (int i = 0; i < n; ++i) mix = mix * 31 + events[i].events;
-    trace("epoll_wait", epfd, timeout_ms, n, mix);
+    note(mix);
     return n;
   }
 
@@ -384,7 +386,6 @@ class Kernel {
     File& f = install(fd, FileKind::kEventfd);
     f.counter = initial;
     f.nonblock = (flags & EFD_NONBLOCK) != 0;
-    trace("eventfd", initial, flags, fd);
     return fd;
   }
 
@@ -394,7 +395,6 @@ class Kernel {
     if (fd < 0) return -1;
     File& f = install(fd, FileKind::kTimerfd);
     f.nonblock = (flags & TFD_NONBLOCK) != 0;
-    trace("timerfd_create", 0, flags, fd);
     return fd;
   }
 
@@ -423,8 +423,7 @@ class Kernel {
     } else {
       f.due = now_ + std::chrono::duration_cast<Clock::duration>(to_duration(value->it_value));
     }
-    trace("timerfd_settime", fd, flags, 0,
-          static_cast<std::uint64_t>(f.due.time_since_epoch().count()));
+    note(static_cast<std::uint64_t>(f.due.time_since_epoch().count()));
     expire_timerfds();
     return 0;
   }
@@ -442,7 +441,6 @@ class Kernel {
     f.mask = *mask;
     sigemptyset(&f.pending);
     f.nonblock = (flags & SFD_NONBLOCK) != 0;
-    trace("signalfd", fd, flags, new_fd);
     return new_fd;
   }
 
@@ -457,7 +455,6 @@ class Kernel {
       result = read_file(*table_[fd], buffer, std::min(size, f.limit));
     }
     if (result > 0) trace_bytes(buffer, static_cast<std::size_t>(result));
-    trace("read", fd, static_cast<long>(size), result, result < 0 ? errno : 0);
     return result;
   }
 
@@ -477,7 +474,6 @@ class Kernel {
       result = fail_errno(EINVAL);
     }
     if (result > 0) trace_bytes(buffer, static_cast<std::size_t>(result));
-    trace("write", fd, static_cast<long>(size), result, result < 0 ? errno : 0);
     return result;
   }
 
@@ -494,7 +490,6 @@ class Kernel {
       result = socket_send(*table_[fd], buffer, size, f.limit);
     }
     if (result > 0) trace_bytes(buffer, static_cast<std::size_t>(result));
-    trace("send", fd, static_cast<long>(size), result, result < 0 ? errno : 0);
     return result;
   }
 
@@ -519,7 +514,6 @@ class Kernel {
       result = socket_send(*table_[fd], gathered.data(), size, f.limit);
       if (result > 0) trace_bytes(gathered.data(), static_cast<std::size_t>(result));
     }
-    trace("sendmsg", fd, static_cast<long>(size), result, result < 0 ? errno : 0);
     return result;
   }
 
@@ -532,7 +526,6 @@ class Kernel {
     File& f = install(fd, FileKind::kSocket);
     f.domain = domain;
     f.nonblock = (type & SOCK_NONBLOCK) != 0;
-    trace("socket", domain, type, fd);
     return fd;
   }
 
@@ -554,7 +547,6 @@ class Kernel {
     }
     f.bound = true;
     f.port = port;
-    trace("bind", fd, port, 0);
     return 0;
   }
 
@@ -569,7 +561,6 @@ class Kernel {
     }
     f.listening = true;
     f.backlog = std::clamp(backlog, 0, 4096);
-    trace("listen", fd, backlog, 0);
     return 0;
   }
 
@@ -604,7 +595,6 @@ class Kernel {
         progress();
       }
     }
-    trace("accept4", fd, flags, result, result < 0 ? errno : 0);
     return result;
   }
 
@@ -630,7 +620,6 @@ class Kernel {
     if (listener == nullptr || (full && !f.nonblock)) {
       // Refused (an RST answers the SYN), or a blocking connect that would wait for room.
       const int error = listener == nullptr ? ECONNREFUSED : ETIMEDOUT;
-      trace("connect", fd, port, -1, static_cast<std::uint64_t>(error));
       if (!f.nonblock) return fail_errno(error);
       f.connect_error = error;
       f.refused = true;
@@ -655,7 +644,6 @@ class Kernel {
       wake(f, 0);
     }
     progress();
-    trace("connect", fd, port, f.nonblock ? -1 : 0);
     if (f.nonblock) {  // established by the time anyone looks, unless the SYN waits
       f.connect_pending = true;
       return fail_errno(EINPROGRESS);
@@ -749,8 +737,16 @@ class Kernel {
     if (!is(fd, FileKind::kSocket)) return fail_errno(fd_open(fd) ? ENOTTY : EBADF);
     if (request != SIOCOUTQ) return fail_errno(EINVAL);
     const File& f = *table_[fd];
-    *argument =
-        f.stream == kNoStream ? 0 : static_cast<int>(unsent(streams_[f.stream]->end[f.side]));
+    // Linux counts our FIN's sequence number too until it is acknowledged (write_seq - snd_una);
+    // here a FIN is acknowledged the moment it is delivered, after the send queue.
+    int outq = 0;
+    if (f.stream != kNoStream) {
+      const Stream& s = *streams_[f.stream];
+      const End& self = s.end[f.side];
+      outq = static_cast<int>(unsent(self));
+      if (self.fin_out && !self.reset && !s.end[1 - f.side].fin_in) ++outq;
+    }
+    *argument = outq;
     return 0;
   }
 
@@ -802,19 +798,16 @@ class Kernel {
       }
       if (result == 0 && (how == SHUT_WR || how == SHUT_RDWR)) result = end_shutdown(s, f.side);
     }
-    trace("shutdown", fd, how, result, result < 0 ? errno : 0);
     return result;
   }
 
   int sys_close(int fd) {
     const Fault f = fault(Op::kClose, fd);
     if (!fd_open(fd)) {
-      trace("close", fd, 0, -1, EBADF);
       return fail_errno(EBADF);
     }
     close_file(fd);
     progress();
-    trace("close", fd, 0, f.error != 0 ? -1 : 0, f.error);
     if (f.error != 0) return fail_errno(f.error);  // closed all the same
     return 0;
   }
@@ -933,6 +926,20 @@ class Kernel {
 
   // --- trace and spin detection ----------------------------------------------------------------
 
+  // Adds `value` to the next call's trace line (and hash): what the arguments do not show.
+  void note(std::uint64_t value) noexcept { note_ = note_ * 31 + value; }
+
+  // Records a finished call: its name, two arguments, its result and errno (when it failed), and
+  // what note() added. errno is left as the call set it.
+  template <class Result>
+  Result traced(const char* call, long a, long b, Result result) {
+    const int saved = errno;
+    trace(call, a, b, static_cast<long>(result),
+          (result < 0 ? static_cast<std::uint64_t>(saved) << 32 : 0) ^ std::exchange(note_, 0));
+    errno = saved;
+    return result;
+  }
+
   // Folds payload bytes into the trace hash (run-to-run equality covers contents, not only sizes).
   void trace_bytes(const void* data, std::size_t size) {
     const auto* p = static_cast<const unsigned char*>(data);
@@ -975,7 +982,8 @@ class Kernel {
     if (++idle_waits_ > spin_limit_) {
       failure("the loop spins: " + std::to_string(idle_waits_) +
               " epoll_wait calls at one virtual instant with no byte moved, no fd opened or "
-              "closed, no time passing and nothing done from outside");
+              "closed, no time passing and nothing done from outside (posts and timers that "
+              "keep waking the loop at one instant count as spinning too)");
     }
   }
 
@@ -1285,7 +1293,6 @@ class Kernel {
         if (f.ticks == 0) return fail_errno(EAGAIN);
         const std::uint64_t value = std::exchange(f.ticks, 0);
         std::memcpy(buffer, &value, sizeof value);
-        progress();
         return 8;
       }
       case FileKind::kSignalfd: {
@@ -1296,7 +1303,6 @@ class Kernel {
             signalfd_siginfo info{};
             info.ssi_signo = static_cast<std::uint32_t>(signo);
             std::memcpy(buffer, &info, sizeof info);
-            progress();
             return sizeof info;
           }
         }
@@ -1316,7 +1322,6 @@ class Kernel {
     if (value > ~std::uint64_t{0} - 1 - f.counter) return fail_errno(EAGAIN);
     f.counter += value;
     wake(f, EPOLLIN);  // eventfd_write wakes even for 0
-    progress();
     return 8;
   }
 
@@ -1410,7 +1415,6 @@ class Kernel {
         ep.ready.erase(std::remove(ep.ready.begin(), ep.ready.end(), target.fd), ep.ready.end());
         auto& list = target.watched_by;
         list.erase(std::remove(list.begin(), list.end(), ep.fd), list.end());
-        progress();
         return 0;
       }
       default:
@@ -1483,12 +1487,20 @@ class Kernel {
       }
       f->ticks += ticks;
       wake(*f, EPOLLIN);
-      progress();
     }
   }
 
   void run_due_actions() {
     while (!actions_.empty() && actions_.begin()->first.first <= now_) {
+      if (now_ != actions_instant_) {
+        actions_instant_ = now_;
+        actions_at_instant_ = 0;
+      }
+      if (++actions_at_instant_ > spin_limit_) {
+        failure(
+            "world actions keep scheduling more at one virtual instant (a driver that "
+            "re-schedules an action at +0 forever)");
+      }
       auto node = actions_.extract(actions_.begin());
       trace("world_action", 0, 0, 0);
       progress();
@@ -1540,90 +1552,130 @@ class Kernel {
   std::uint64_t calls_ = 0;
   bool tracing_ = std::getenv("REACTOR_SIM_TRACE") != nullptr;
   bool keep_recent_ = true;
+  std::uint64_t note_ = 0;
+  TimePoint actions_instant_ = kEpoch;
+  std::size_t actions_at_instant_ = 0;
   std::deque<std::string> recent_;
 };
 
-// The policy: every call goes to this thread's Kernel.
+// The policy: every call goes to this thread's Kernel, and is traced there (trace_hash(), the
+// failure report's last calls, REACTOR_SIM_TRACE=1).
 struct SimSyscalls {
   static TimePoint now() noexcept { return Kernel::current().now(); }
   static int epoll_create1(int flags) noexcept {
-    return Kernel::current().sys_epoll_create1(flags);
+    Kernel& k = Kernel::current();
+    return k.traced("epoll_create1", flags, 0, k.sys_epoll_create1(flags));
   }
   static int epoll_ctl(int epfd, int op, int fd, epoll_event* event) noexcept {
-    return Kernel::current().sys_epoll_ctl(epfd, op, fd, event);
+    Kernel& k = Kernel::current();
+    return k.traced("epoll_ctl", epfd * 16L + op, fd, k.sys_epoll_ctl(epfd, op, fd, event));
   }
   static int epoll_wait(int epfd, epoll_event* events, int max_events, int timeout_ms) noexcept {
-    return Kernel::current().sys_epoll_wait(epfd, events, max_events, timeout_ms);
+    Kernel& k = Kernel::current();
+    return k.traced("epoll_wait", epfd, timeout_ms,
+                    k.sys_epoll_wait(epfd, events, max_events, timeout_ms));
   }
   static int eventfd(unsigned initial, int flags) noexcept {
-    return Kernel::current().sys_eventfd(initial, flags);
+    Kernel& k = Kernel::current();
+    return k.traced("eventfd", initial, flags, k.sys_eventfd(initial, flags));
   }
   static int signalfd(int fd, const sigset_t* mask, int flags) noexcept {
-    return Kernel::current().sys_signalfd(fd, mask, flags);
+    Kernel& k = Kernel::current();
+    return k.traced("signalfd", fd, flags, k.sys_signalfd(fd, mask, flags));
   }
   static int timerfd_create(int clock, int flags) noexcept {
-    return Kernel::current().sys_timerfd_create(clock, flags);
+    Kernel& k = Kernel::current();
+    return k.traced("timerfd_create", clock, flags, k.sys_timerfd_create(clock, flags));
   }
   static int timerfd_settime(int fd, int flags, const itimerspec* value, itimerspec* old) noexcept {
-    return Kernel::current().sys_timerfd_settime(fd, flags, value, old);
+    Kernel& k = Kernel::current();
+    return k.traced("timerfd_settime", fd, flags, k.sys_timerfd_settime(fd, flags, value, old));
   }
-  static int sigprocmask(int /*how*/, const sigset_t* /*set*/, sigset_t* old) noexcept {
-    if (old != nullptr) sigemptyset(old);
-    return 0;
+  static int sigprocmask(int how, const sigset_t* /*set*/, sigset_t* old) noexcept {
+    if (old != nullptr) sigemptyset(old);  // changes nothing: signals come from raise_signal()
+    return Kernel::current().traced("sigprocmask", how, 0, 0);
   }
   static ssize_t read(int fd, void* buffer, std::size_t size) noexcept {
-    return Kernel::current().sys_read(fd, buffer, size);
+    Kernel& k = Kernel::current();
+    return k.traced("read", fd, static_cast<long>(size), k.sys_read(fd, buffer, size));
   }
   static ssize_t write(int fd, const void* buffer, std::size_t size) noexcept {
-    return Kernel::current().sys_write(fd, buffer, size);
+    Kernel& k = Kernel::current();
+    return k.traced("write", fd, static_cast<long>(size), k.sys_write(fd, buffer, size));
   }
   static ssize_t send(int fd, const void* buffer, std::size_t size, int flags) noexcept {
-    return Kernel::current().sys_send(fd, buffer, size, flags);
+    Kernel& k = Kernel::current();
+    return k.traced("send", fd, static_cast<long>(size), k.sys_send(fd, buffer, size, flags));
   }
   static ssize_t sendmsg(int fd, const msghdr* message, int flags) noexcept {
-    return Kernel::current().sys_sendmsg(fd, message, flags);
+    Kernel& k = Kernel::current();
+    return k.traced("sendmsg", fd, static_cast<long>(message->msg_iovlen),
+                    k.sys_sendmsg(fd, message, flags));
   }
   static int socket(int domain, int type, int protocol) noexcept {
-    return Kernel::current().sys_socket(domain, type, protocol);
+    Kernel& k = Kernel::current();
+    return k.traced("socket", domain, type, k.sys_socket(domain, type, protocol));
   }
   static int bind(int fd, const sockaddr* address, socklen_t length) noexcept {
-    return Kernel::current().sys_bind(fd, address, length);
+    Kernel& k = Kernel::current();
+    return k.traced("bind", fd, length, k.sys_bind(fd, address, length));
   }
   static int listen(int fd, int backlog) noexcept {
-    return Kernel::current().sys_listen(fd, backlog);
+    Kernel& k = Kernel::current();
+    return k.traced("listen", fd, backlog, k.sys_listen(fd, backlog));
   }
   static int accept4(int fd, sockaddr* address, socklen_t* length, int flags) noexcept {
-    return Kernel::current().sys_accept4(fd, address, length, flags);
+    Kernel& k = Kernel::current();
+    return k.traced("accept4", fd, flags, k.sys_accept4(fd, address, length, flags));
   }
   static int connect(int fd, const sockaddr* address, socklen_t length) noexcept {
-    return Kernel::current().sys_connect(fd, address, length);
+    Kernel& k = Kernel::current();
+    return k.traced("connect", fd, length, k.sys_connect(fd, address, length));
   }
   static int poll(pollfd* fds, nfds_t count, int timeout_ms) noexcept {
-    return Kernel::current().sys_poll(fds, count, timeout_ms);
+    Kernel& k = Kernel::current();
+    return k.traced("poll", static_cast<long>(count), timeout_ms,
+                    k.sys_poll(fds, count, timeout_ms));
   }
   static int setsockopt(int fd, int level, int name, const void* value, socklen_t length) noexcept {
-    return Kernel::current().sys_setsockopt(fd, level, name, value, length);
+    Kernel& k = Kernel::current();
+    return k.traced("setsockopt", fd, level * 1000L + name,
+                    k.sys_setsockopt(fd, level, name, value, length));
   }
   static int getsockopt(int fd, int level, int name, void* value, socklen_t* length) noexcept {
-    return Kernel::current().sys_getsockopt(fd, level, name, value, length);
+    Kernel& k = Kernel::current();
+    return k.traced("getsockopt", fd, level * 1000L + name,
+                    k.sys_getsockopt(fd, level, name, value, length));
   }
   static int getsockname(int fd, sockaddr* address, socklen_t* length) noexcept {
-    return Kernel::current().sys_getsockname(fd, address, length);
+    Kernel& k = Kernel::current();
+    return k.traced("getsockname", fd, 0, k.sys_getsockname(fd, address, length));
   }
   static int getpeername(int fd, sockaddr* address, socklen_t* length) noexcept {
-    return Kernel::current().sys_getpeername(fd, address, length);
-  }
-  static int fcntl(int fd, int command, int argument) noexcept {
-    return Kernel::current().sys_fcntl(fd, command, argument);
+    Kernel& k = Kernel::current();
+    return k.traced("getpeername", fd, 0, k.sys_getpeername(fd, address, length));
   }
   static int ioctl(int fd, unsigned long request, int* argument) noexcept {
-    return Kernel::current().sys_ioctl(fd, request, argument);
+    Kernel& k = Kernel::current();
+    const int result = k.sys_ioctl(fd, request, argument);
+    if (result == 0) k.note(static_cast<std::uint64_t>(*argument));
+    return k.traced("ioctl", fd, static_cast<long>(request), result);
   }
-  static int shutdown(int fd, int how) noexcept { return Kernel::current().sys_shutdown(fd, how); }
-  static int close(int fd) noexcept { return Kernel::current().sys_close(fd); }
+  static int fcntl(int fd, int command, int argument) noexcept {
+    Kernel& k = Kernel::current();
+    return k.traced("fcntl", fd, command * 100000L + argument, k.sys_fcntl(fd, command, argument));
+  }
+  static int shutdown(int fd, int how) noexcept {
+    Kernel& k = Kernel::current();
+    return k.traced("shutdown", fd, how, k.sys_shutdown(fd, how));
+  }
+  static int close(int fd) noexcept {
+    Kernel& k = Kernel::current();
+    return k.traced("close", fd, 0, k.sys_close(fd));
+  }
   static int unlink(const char* /*path*/) noexcept {
-    errno = ENOENT;
-    return -1;
+    errno = ENOENT;  // no file system here
+    return Kernel::current().traced("unlink", 0, 0, -1);
   }
 };
 
