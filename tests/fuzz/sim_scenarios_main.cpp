@@ -7,6 +7,7 @@
 // Every 50th seed runs twice and must leave the same trace hash: the simulation is deterministic.
 #include <unistd.h>
 
+#include <algorithm>
 #include <csignal>
 #include <cstdint>
 #include <cstdio>
@@ -58,6 +59,16 @@ int usage() {
 
 int main(int argc, char** argv) {
   std::signal(SIGABRT, on_abort);
+  // --trace may come anywhere: take it out of the arguments.
+  std::vector<char*> args(argv, argv + argc);
+  const auto trace = std::find_if(args.begin() + 1, args.end(),
+                                  [](const char* a) { return std::strcmp(a, "--trace") == 0; });
+  if (trace != args.end()) {
+    ::setenv("REACTOR_SIM_TRACE", "1", 1);
+    args.erase(trace);
+  }
+  argc = static_cast<int>(args.size());
+  argv = args.data();
   if (argc >= 4 && std::strcmp(argv[1], "--seeds") == 0) {
     const std::uint64_t first = std::strtoull(argv[2], nullptr, 10);
     const std::uint64_t count = std::strtoull(argv[3], nullptr, 10);
@@ -75,7 +86,6 @@ int main(int argc, char** argv) {
     return 0;
   }
   if (argc >= 3 && std::strcmp(argv[1], "--seed") == 0) {
-    if (argc >= 4 && std::strcmp(argv[3], "--trace") == 0) ::setenv("REACTOR_SIM_TRACE", "1", 1);
     const std::uint64_t seed = std::strtoull(argv[2], nullptr, 10);
     announce(seed);
     std::printf("sim_scenarios: seed %llu passed, trace hash %016llx\n",

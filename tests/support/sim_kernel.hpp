@@ -123,7 +123,10 @@ class Kernel {
   Kernel& operator=(const Kernel&) = delete;
 
   static Kernel& current() {
-    if (current_ == nullptr) die("SimSyscalls used with no sim::Kernel installed");
+    if (current_ == nullptr) {
+      die("SimSyscalls used on a thread with no sim::Kernel installed (the simulation is "
+          "single-threaded: stand for other threads with Kernel::at or Kernel::after)");
+    }
     return *current_;
   }
 
