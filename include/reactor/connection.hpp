@@ -645,16 +645,21 @@ class Connection final : private detail::OwnedWatcher {
   // half-close and drain its input until EOF (or linger_timeout) so that closing sends no RST.
   // fin_sent: shutdown() sent FIN already.
   void finish_close(bool fin_sent) noexcept {
-    if ((flags_ & kEof) != 0 || linger_timeout_ms_ == 0 ||
-        (!fin_sent && Sys::shutdown(fd, SHUT_WR) != 0)) {
+    if ((flags_ & kEof) != 0 || linger_timeout_ms_ == 0) {
       close_now({});
+      return;
+    }
+    if (!fin_sent && Sys::shutdown(fd, SHUT_WR) != 0) {
+      fail(detail::last_errno_code());  // reset under us: what was flushed may not have arrived
       return;
     }
     phase_ = Phase::kLingering;
     const auto due =
         detail::saturating_add(loop_->now(), std::chrono::milliseconds(linger_timeout_ms_));
-    if (set_timer(due)) {
-      close_now({});  // no timer, no lingering
+    if (const std::error_code ec = set_timer(due)) {
+      // No timer (no fd for the timerfd, say), no lingering: close now. Unread input makes that
+      // an RST, which drops what the kernel has not delivered: report why, if it holds any.
+      close_now(undelivered() ? ec : std::error_code());
       return;
     }
     if constexpr (kEdge) {
