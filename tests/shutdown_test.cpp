@@ -214,6 +214,26 @@ TEMPLATE_TEST_CASE("a stop during the grace period aborts what is left at once, 
   CHECK_FALSE(loop.stop_requested());  // the stop was shutdown's to consume
 }
 
+// Found by sim_fuzzer (issue 9): with a quiet period of 0, a connection still sending re-armed
+// its timer for "now" on every iteration, spinning until its output drained or the grace ran out.
+TEMPLATE_TEST_CASE("a zero quiet period does not spin while a connection is still sending",
+                   "[shutdown]", reactor::LevelTriggered, reactor::EdgeTriggered) {
+  using Loop = reactor::Reactor<TestType>;
+  Served served;
+  Loop loop;
+  auto [server, client] = test::socket_pair();  // the peer never reads
+  auto& connection = reactor::adopt(loop, std::move(server), CountingEcho{&served});
+  CHECK(connection.send(test::pattern(4 << 20)));
+  REQUIRE(connection.pending_output_bytes() > 0);
+  const std::uint64_t iterations = loop.loop_iterations();
+  const reactor::ShutdownReport report = loop.shutdown(300ms, 0ms);
+  // About one look per 10 ms for 300 ms; spinning made it hundreds of thousands.
+  CHECK(loop.loop_iterations() - iterations < 200);
+  CHECK(report.aborted == 1);
+  REQUIRE(served.reasons.size() == 1);
+  CHECK(served.reasons[0] == std::errc::operation_canceled);
+}
+
 TEST_CASE("a stop from another thread during the grace period ends it", "[shutdown][threads]") {
   Served served;
   reactor::Reactor<> loop;

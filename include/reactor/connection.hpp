@@ -780,6 +780,8 @@ class Connection final : private detail::OwnedWatcher {
   // look again when the next one could. Traffic since the timer was set just moves the deadline;
   // nothing was rescheduled per byte. During a graceful shutdown it also closes the connection
   // once it is quiet.
+  static constexpr std::chrono::milliseconds kDrainRecheck{10};
+
   void check_timeouts() noexcept {
     if (phase_ > Phase::kClosing) return;
     const Clock::time_point now = loop_->cached_now();
@@ -817,7 +819,10 @@ class Connection final : private detail::OwnedWatcher {
           if (phase_ != Phase::kClosing) return;
           next = std::min(next, now + quiet);
         } else {
-          next = std::min(next, output_.empty() ? due : now + quiet);
+          // Still sending: look again a quiet period later, never sooner than kDrainRecheck (a
+          // quiet period of 0 re-armed the timer at `now` on every iteration, spinning until the
+          // output drained or the grace ran out: found by sim_fuzzer).
+          next = std::min(next, output_.empty() ? due : now + std::max(quiet, kDrainRecheck));
         }
       }
     }
