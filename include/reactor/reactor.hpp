@@ -96,6 +96,14 @@ std::chrono::steady_clock::time_point saturating_add(
   return Clock::time_point(Ticks(sum));
 }
 
+// Whole milliseconds from `now` until `deadline`, rounded up; 0 once it has passed. Never
+// subtracts a deadline saturated at the clock's minimum (that would overflow).
+inline std::chrono::milliseconds ms_until(std::chrono::steady_clock::time_point deadline,
+                                          std::chrono::steady_clock::time_point now) noexcept {
+  if (deadline <= now) return std::chrono::milliseconds(0);
+  return std::chrono::ceil<std::chrono::milliseconds>(deadline - now);
+}
+
 // The reactors this thread is running, innermost first (asio's call_stack): "am I on the loop
 // thread?" is "is this reactor on my stack?", true exactly while inside its run(), run_once() or
 // shutdown(), whichever thread created it.
@@ -321,8 +329,7 @@ class Reactor {
     const auto deadline = detail::saturating_add(now_, grace);
     int events = 0;
     while (connection_count_ > 0 && !stop_requested_.exchange(false, std::memory_order_acq_rel)) {
-      const auto left =
-          std::chrono::ceil<std::chrono::milliseconds>(deadline - detail::clock_now<Sys>());
+      const auto left = detail::ms_until(deadline, detail::clock_now<Sys>());
       if (left.count() <= 0) break;
       if (const int error = poll_once(clamp_ms(left), events)) {
         report.error = detail::errno_code(error);
@@ -550,7 +557,7 @@ class Reactor {
     fd_waiters_.for_each([&](const detail::FdWaiter& w) { due = std::min(due, w.due); });
     if (timerfd_unarmed_ && !timers_.empty()) due = std::min(due, timers_.next_due());
     if (due == Clock::time_point::max()) return timeout_ms;
-    const auto left = std::chrono::ceil<std::chrono::milliseconds>(due - detail::clock_now<Sys>());
+    const auto left = detail::ms_until(due, detail::clock_now<Sys>());
     const auto limit =
         timeout_ms < 0 ? std::chrono::milliseconds::max() : std::chrono::milliseconds(timeout_ms);
     return clamp_ms(std::clamp(left, std::chrono::milliseconds(0), limit));
@@ -566,8 +573,7 @@ class Reactor {
       events = 0;
       if (errno != EINTR) return errno;
       if (timeout_ms > 0) {
-        const auto left =
-            std::chrono::ceil<std::chrono::milliseconds>(deadline - detail::clock_now<Sys>());
+        const auto left = detail::ms_until(deadline, detail::clock_now<Sys>());
         timeout_ms = static_cast<int>(std::max<std::int64_t>(left.count(), 0));
       }
     }

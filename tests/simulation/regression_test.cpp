@@ -1,0 +1,508 @@
+// Regression tests for the fixes of a0b7a57, found by a new user's pass over the library in the
+// simulated world (tests/support/sim_kernel.hpp): timeouts stamped from a stale clock outside the
+// loop, level-mode input lost or failed around the peer's FIN while paused, saturating_add's
+// overflow for negative delays, a stop() left pending by shutdown(), and UniqueFd closing a
+// simulated fd with the real close(). Each case runs in virtual time, where times are exact;
+// bugs 1 and 2 also have a loopback variant (LinuxSyscalls, the real kernel), with generous bounds.
+// Every case failed on the headers before a0b7a57; the comment above it says how.
+#include <fcntl.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstddef>
+#include <limits>
+#include <string>
+#include <string_view>
+#include <system_error>
+#include <thread>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include <reactor.hpp>
+
+#include "catch.hpp"
+#include "loopback.hpp"
+#include "sim_kernel.hpp"
+
+namespace {
+
+using namespace std::chrono_literals;
+using Clock = std::chrono::steady_clock;
+
+template <class Trigger>
+using SimLoop = reactor::Reactor<Trigger, sim::SimSyscalls>;
+
+// The clock of the world `Loop` runs in: the simulated kernel's, or the real steady clock.
+template <class Loop>
+Clock::time_point world_now() {
+  if constexpr (std::is_same_v<typename Loop::syscalls, sim::SimSyscalls>) {
+    return sim::Kernel::current().now();
+  } else {
+    return Clock::now();
+  }
+}
+
+template <class Loop>
+struct Probe;
+template <class Loop>
+using ProbeConnection = reactor::Connection<Probe<Loop>, Loop>;
+
+// What a Probe's connection went through.
+template <class Loop>
+struct ProbeLog {
+  ProbeConnection<Loop>* connection = nullptr;  // from on_open until on_close
+  std::string input;                            // the bytes on_data consumed, in order
+  int eofs = 0;
+  int closes = 0;
+  std::error_code reason;  // on_close's
+  Clock::time_point closed_at{};
+};
+
+// A handler that records into a ProbeLog; each behaviour is opt-in.
+template <class Loop>
+struct Probe {
+  static constexpr std::size_t kAll = std::numeric_limits<std::size_t>::max();
+
+  ProbeLog<Loop>* log;
+  bool pause_on_open = false;
+  bool shutdown_on_open = false;  // our FIN goes out before anything is read
+  // Bytes consumed per on_data call; when limited, reading pauses after each call (a slow
+  // consumer that a timer resumes).
+  std::size_t chunk = kAll;
+
+  void on_open(ProbeConnection<Loop>& c) {
+    log->connection = &c;
+    if (pause_on_open) c.pause_reading();
+    if (shutdown_on_open) c.shutdown();
+  }
+  std::size_t on_data(ProbeConnection<Loop>& c, std::string_view bytes) {
+    const std::size_t taken = std::min(chunk, bytes.size());
+    log->input.append(bytes.substr(0, taken));
+    if (chunk != kAll) c.pause_reading();
+    return taken;
+  }
+  void on_eof(ProbeConnection<Loop>& c) {
+    ++log->eofs;
+    c.close();
+  }
+  void on_close(ProbeConnection<Loop>&, std::error_code reason) {
+    ++log->closes;
+    log->reason = reason;
+    log->closed_at = world_now<Loop>();
+    log->connection = nullptr;
+  }
+};
+
+// Milliseconds from `from` to `to`, as a number Catch2 prints.
+double ms_between(Clock::time_point from, Clock::time_point to) {
+  return std::chrono::duration<double, std::milli>(to - from).count();
+}
+
+// `size` printable bytes ('a' to 'z') of test::pattern, so that a mismatch prints readably.
+std::string letters(std::size_t size) {
+  std::string bytes = test::pattern(size);
+  for (char& byte : bytes) byte = static_cast<char>('a' + static_cast<unsigned char>(byte) % 26);
+  return bytes;
+}
+
+reactor::ListenOptions timeout_options(std::chrono::milliseconds idle,
+                                       std::chrono::milliseconds read) {
+  reactor::ListenOptions options;
+  options.connection.idle_timeout = idle;
+  options.connection.read_timeout = read;
+  options.connection.linger_timeout = 0ms;  // close at once: on_close comes at the timeout
+  return options;
+}
+
+// Runs a simulated loop until `done()`; at most `iterations` run_once calls, each waiting for the
+// next event or timer (virtual time: no wall-clock cost).
+template <class Loop, class Done>
+bool run_sim_until(Loop& loop, Done done, int iterations = 1000) {
+  for (int i = 0; i < iterations && !done(); ++i) loop.run_once(-1ms);
+  return done();
+}
+
+// A real fd (of /dev/null) at the number the simulated kernel of this thread hands out next;
+// simulated eventfds fill the numbers below it. Closes the real fd, if it is still open, when it
+// goes; the fillers go with the Kernel.
+class FdCollision {
+ public:
+  FdCollision() {
+    const int next = sim::SimSyscalls::eventfd(0, EFD_CLOEXEC);
+    REQUIRE(next >= 0);
+    sim::SimSyscalls::close(next);
+    const int any = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+    REQUIRE(any >= 0);
+    real_ = ::fcntl(any, F_DUPFD_CLOEXEC, next);  // the lowest free real number >= next
+    ::close(any);
+    REQUIRE(real_ >= next);
+    while (true) {
+      const int fd = sim::SimSyscalls::eventfd(0, EFD_CLOEXEC);
+      REQUIRE(fd >= 0);
+      if (fd == real_) {
+        sim::SimSyscalls::close(fd);
+        break;
+      }
+      ++fillers_;
+    }
+  }
+  FdCollision(const FdCollision&) = delete;
+  FdCollision& operator=(const FdCollision&) = delete;
+  ~FdCollision() {
+    if (real_open()) ::close(real_);
+  }
+
+  int number() const { return real_; }
+  std::size_t fillers() const { return fillers_; }
+  bool real_open() const { return ::fcntl(real_, F_GETFD) >= 0; }
+
+ private:
+  int real_ = -1;
+  std::size_t fillers_ = 0;
+};
+
+}  // namespace
+
+// --- 1. Activity stamped outside the loop --------------------------------------------------------
+
+// Guards: Connection::send() that writes at once and resume_reading(), called between run_once()
+// calls, stamp the connection's activity with the clock, not with the loop's cached one. Before
+// a0b7a57 they used the cached clock of the last iteration, 600 ms old here, so the idle timeout
+// closed the connection 400 ms after the write and the read timeout 400 ms after the resume,
+// instead of 1000 ms.
+TEMPLATE_TEST_CASE(
+    "idle and read timeouts count from a send or a resume made between run_once calls",
+    "[regression][simulation][timeout]", reactor::LevelTriggered, reactor::EdgeTriggered) {
+  using Loop = SimLoop<TestType>;
+  sim::Kernel kernel;  // before the loop: the loop's syscalls go to it
+  ProbeLog<Loop> idle_log;
+  ProbeLog<Loop> read_log;
+  Loop loop;
+  reactor::Acceptor<Probe<Loop>, Loop> idle_acceptor(
+      loop, reactor::Endpoint::parse("127.0.0.1:7000"), Probe<Loop>{&idle_log},
+      timeout_options(1000ms, 0ms));
+  reactor::Acceptor<Probe<Loop>, Loop> read_acceptor(
+      loop, reactor::Endpoint::parse("127.0.0.1:7001"),
+      Probe<Loop>{.log = &read_log, .pause_on_open = true}, timeout_options(0ms, 1000ms));
+  const sim::PeerId idle_peer = *kernel.connect(7000);
+  const sim::PeerId read_peer = *kernel.connect(7001);
+  loop.run_once(0ms);
+  REQUIRE(idle_log.connection != nullptr);
+  REQUIRE(read_log.connection != nullptr);
+
+  kernel.advance(600ms);  // the application was busy elsewhere; the loop did not run
+  const Clock::time_point outside = kernel.now();
+  REQUIRE(idle_log.connection->send("x", 1));  // written at once: nothing was queued
+  REQUIRE(kernel.process_io_at(idle_peer) == outside);
+  read_log.connection->resume_reading();
+
+  REQUIRE(run_sim_until(loop, [&] { return idle_log.closes == 1 && read_log.closes == 1; }));
+  CHECK(idle_log.reason == std::errc::timed_out);
+  CHECK(ms_between(outside, idle_log.closed_at) == 1000.0);  // was 400
+  CHECK(read_log.reason == std::errc::timed_out);
+  CHECK(ms_between(outside, read_log.closed_at) == 1000.0);  // was 400
+  std::string delivered;
+  kernel.peer_recv(idle_peer, delivered);
+  CHECK(delivered == "x");
+  CHECK(kernel.peer_readable(read_peer) == 0);
+}
+
+// Guards the same on the real kernel (LinuxSyscalls, steady_clock): the early timeout was the
+// library's, not the simulator's. The sleep stands for an application busy outside the loop,
+// which is the scenario. Before a0b7a57 both timeouts fired about 200 ms after the send and the
+// resume (400 ms counted from the last iteration before the sleep); they must not fire before
+// 400 ms.
+TEMPLATE_TEST_CASE(
+    "idle and read timeouts count from a send or a resume made between run_once "
+    "calls on loopback",
+    "[regression][integration][timeout]", reactor::LevelTriggered, reactor::EdgeTriggered) {
+  using Loop = reactor::Reactor<TestType>;
+  constexpr auto kTimeout = 400ms;
+  constexpr double kTimeoutMs = 400.0;
+  ProbeLog<Loop> idle_log;
+  ProbeLog<Loop> read_log;
+  Loop loop;
+  reactor::Acceptor<Probe<Loop>, Loop> idle_acceptor(loop, reactor::Endpoint::parse("127.0.0.1:0"),
+                                                     Probe<Loop>{&idle_log},
+                                                     timeout_options(kTimeout, 0ms));
+  reactor::Acceptor<Probe<Loop>, Loop> read_acceptor(
+      loop, reactor::Endpoint::parse("127.0.0.1:0"),
+      Probe<Loop>{.log = &read_log, .pause_on_open = true}, timeout_options(0ms, kTimeout));
+  test::Peer idle_peer(reactor::connect(idle_acceptor.local_endpoint()));
+  test::Peer read_peer(reactor::connect(read_acceptor.local_endpoint()));
+  REQUIRE(test::run_until(
+      loop, [&] { return idle_log.connection != nullptr && read_log.connection != nullptr; }));
+
+  std::this_thread::sleep_for(200ms);  // busy elsewhere: the loop's clock goes stale
+  const Clock::time_point outside = Clock::now();
+  REQUIRE(idle_log.connection->send("x", 1));
+  read_log.connection->resume_reading();
+
+  REQUIRE(test::run_until(loop, [&] {
+    idle_peer.step();
+    return idle_log.closes == 1 && read_log.closes == 1;
+  }));
+  CHECK(idle_log.reason == std::errc::timed_out);
+  CHECK(ms_between(outside, idle_log.closed_at) >= kTimeoutMs);  // never early; was 200
+  CHECK(ms_between(outside, idle_log.closed_at) < kTimeoutMs + 5000.0);
+  CHECK(read_log.reason == std::errc::timed_out);
+  CHECK(ms_between(outside, read_log.closed_at) >= kTimeoutMs);  // never early; was 200
+  CHECK(ms_between(outside, read_log.closed_at) < kTimeoutMs + 5000.0);
+  idle_peer.step();
+  CHECK(idle_peer.received == "x");
+}
+
+// --- 2. Level mode: a paused consumer around the peer's FIN --------------------------------------
+
+// Guards: input a paused handler left unconsumed reaches on_data after resume_reading(), before
+// the EOF behind it; and when our FIN went out first (shutdown()), the EPOLLHUP that both FINs
+// raise while the handler is paused does not fail the connection. The handler takes 100 bytes per
+// call and pauses; a timer resumes it every 10 ms; the peer sent 1000 bytes and its FIN. Before
+// a0b7a57, in level mode, the EPOLLIN that the resume re-armed came before the redelivery and read
+// the EOF, which dropped the kept 900 bytes (on_data saw 100); with our FIN first, the connection
+// failed with Error::kPeerHangup after 100 bytes and no on_eof. Edge mode passed both.
+TEMPLATE_TEST_CASE("a paused consumer gets every byte before the peer's FIN after resume_reading",
+                   "[regression][simulation][pause]", reactor::LevelTriggered,
+                   reactor::EdgeTriggered) {
+  using Loop = SimLoop<TestType>;
+  const bool our_fin_first = GENERATE(false, true);  // shutdown() in on_open: our FIN first
+  CAPTURE(our_fin_first);
+
+  sim::Kernel kernel;
+  ProbeLog<Loop> log;
+  Loop loop;
+  reactor::Acceptor<Probe<Loop>, Loop> acceptor(
+      loop, reactor::Endpoint::parse("127.0.0.1:7000"),
+      Probe<Loop>{.log = &log, .shutdown_on_open = our_fin_first, .chunk = 100});
+  const sim::PeerId peer = *kernel.connect(7000);
+  const std::string sent = letters(1000);
+  REQUIRE(kernel.peer_send(peer, sent) == 1000);
+  REQUIRE(kernel.peer_shutdown(peer) == 0);
+  const reactor::TimerId resumer = loop.schedule_every(10ms, [&] {
+    if (log.connection != nullptr) log.connection->resume_reading();
+  });
+
+  REQUIRE(run_sim_until(loop, [&] { return log.closes == 1; }));
+  loop.cancel(resumer);
+  CHECK(log.input.size() == 1000);  // was 100
+  CHECK(log.input == sent);
+  CHECK(log.eofs == 1);  // with our FIN first: was 0
+  CHECK(log.closes == 1);
+  CHECK_FALSE(log.reason);  // with our FIN first: was Error::kPeerHangup
+  CHECK_FALSE(kernel.peer_was_reset(peer));
+  std::string rest;
+  CHECK(kernel.peer_recv(peer, rest) == 0);  // our FIN arrived, and nothing else
+  CHECK(rest.empty());
+}
+
+// Guards the same on the real kernel: loopback TCP raises EPOLLHUP once both FINs are through,
+// and the level-mode ordering was the library's. Before a0b7a57, level mode delivered 100 of the
+// 1000 bytes (and failed with kPeerHangup when our FIN went first).
+TEMPLATE_TEST_CASE(
+    "a paused consumer gets every byte before the peer's FIN after resume_reading "
+    "on loopback",
+    "[regression][integration][pause]", reactor::LevelTriggered, reactor::EdgeTriggered) {
+  using Loop = reactor::Reactor<TestType>;
+  const bool our_fin_first = GENERATE(false, true);  // shutdown() in on_open: our FIN first
+  CAPTURE(our_fin_first);
+
+  ProbeLog<Loop> log;
+  Loop loop;
+  reactor::Acceptor<Probe<Loop>, Loop> acceptor(
+      loop, reactor::Endpoint::parse("127.0.0.1:0"),
+      Probe<Loop>{.log = &log, .shutdown_on_open = our_fin_first, .chunk = 100});
+  test::Peer peer(reactor::connect(acceptor.local_endpoint()));
+  peer.to_send = letters(1000);
+  peer.step();
+  REQUIRE(peer.all_sent());
+  peer.shutdown_write();
+  const reactor::TimerId resumer = loop.schedule_every(10ms, [&] {
+    if (log.connection != nullptr) log.connection->resume_reading();
+  });
+
+  REQUIRE(test::run_until(loop, [&] {
+    peer.step();
+    return log.closes == 1;
+  }));
+  loop.cancel(resumer);
+  REQUIRE(test::run_until(loop, [&] {
+    peer.step();
+    return peer.eof || peer.error != 0;
+  }));
+  CHECK(log.input.size() == 1000);  // level mode: was 100
+  CHECK(log.input == peer.to_send);
+  CHECK(log.eofs == 1);
+  CHECK_FALSE(log.reason);  // level mode, our FIN first: was Error::kPeerHangup
+  CHECK(peer.eof);
+  CHECK(peer.error == 0);  // no RST
+  CHECK(peer.received.empty());
+}
+
+// --- 3. Negative delays --------------------------------------------------------------------------
+
+// Guards: saturating_add takes delays of either sign. Before a0b7a57 a negative delay computed
+// `time_point::min() - start`, a signed overflow (UB; UBSan reports it in chrono.h). Where it
+// wrapped, every negative delay saturated to time_point::min(): schedule_after(-1s) and
+// schedule_after(-5s) tied and ran in scheduling order instead of earliest first, and
+// shutdown(-1ms) computed its time left as `min() - now`, overflowing again into a wait of
+// centuries, so it served the connection out (closed it after the 100 ms quiet period, then
+// lingered 2 s for the peer's FIN: flushed, 2100 ms) instead of aborting it at once.
+// schedule_every(-1s) behaved as documented either way: that part fails only under UBSan
+// (-fno-sanitize-recover=undefined or UBSAN_OPTIONS=halt_on_error=1).
+TEMPLATE_TEST_CASE("negative delays lie in the past without overflowing",
+                   "[regression][simulation][timer]", reactor::LevelTriggered,
+                   reactor::EdgeTriggered) {
+  using Loop = SimLoop<TestType>;
+  sim::Kernel kernel;
+  ProbeLog<Loop> log;
+  Loop loop;
+  const Clock::time_point start = kernel.now();
+
+  // Deadlines in the past run on the next iteration, earliest first.
+  std::vector<std::string> fired;
+  loop.schedule_after(-1s, [&] { fired.emplace_back("after -1 s"); });
+  loop.schedule_after(-5s, [&] { fired.emplace_back("after -5 s"); });
+  loop.schedule_at(start - 3s, [&] { fired.emplace_back("at -3 s"); });
+  loop.run_once(0ms);
+  CHECK(fired == std::vector<std::string>{"after -5 s", "at -3 s", "after -1 s"});
+  CHECK(ms_between(start, kernel.now()) == 0.0);
+
+  // A negative period is raised to 1 µs: the timer runs on every iteration.
+  int ticks = 0;
+  const reactor::TimerId every = loop.schedule_every(-1s, [&] { ++ticks; });
+  for (int i = 0; i < 3; ++i) loop.run_once(1ms);
+  CHECK(ticks == 3);
+  CHECK(kernel.now() - start == 3us);
+  CHECK(loop.cancel(every));
+
+  // A negative grace: the deadline has passed, so what is open is aborted at once.
+  reactor::Acceptor<Probe<Loop>, Loop> acceptor(loop, reactor::Endpoint::parse("127.0.0.1:7000"),
+                                                Probe<Loop>{&log});
+  const sim::PeerId peer = *kernel.connect(7000);
+  loop.run_once(0ms);
+  REQUIRE(log.connection != nullptr);
+  // milliseconds::min() saturates to the clock's minimum; time left was then `min() - now`,
+  // overflowing (found after a0b7a57; detail::ms_until never subtracts such a deadline).
+  const auto grace = GENERATE(std::chrono::milliseconds(-1), std::chrono::milliseconds::min());
+  CAPTURE(grace.count());
+  const Clock::time_point before_shutdown = kernel.now();
+  const reactor::ShutdownReport report = loop.shutdown(grace);
+  CHECK_FALSE(report.error);
+  CHECK(report.aborted == 1);  // was 0
+  CHECK(report.flushed == 0);  // was 1
+  CHECK(report.failed == 0);
+  CHECK(log.closes == 1);
+  CHECK(log.reason == std::errc::operation_canceled);
+  CHECK(ms_between(before_shutdown, kernel.now()) == 0.0);  // was 2100
+  CHECK(loop.connection_count() == 0);
+  std::string none;
+  CHECK(kernel.peer_recv(peer, none) == 0);  // closed, with nothing to send: FIN
+}
+
+// --- 4. A stop() during shutdown() ---------------------------------------------------------------
+
+// Guards: a stop() that arrives during shutdown(grace) is consumed by it even when the last
+// connection closed in the same iteration, so that the next run() runs. Here a world action (as
+// another thread) closes the peer and calls stop() at +50 ms. Before a0b7a57 the stop stayed
+// pending (stop_requested() true after shutdown returned) and the next run() returned at once,
+// before its 100 ms timer.
+TEMPLATE_TEST_CASE(
+    "a stop during shutdown does not stop the next run when the last connection "
+    "closes with it",
+    "[regression][simulation][shutdown]", reactor::LevelTriggered, reactor::EdgeTriggered) {
+  using Loop = SimLoop<TestType>;
+  sim::Kernel kernel;
+  ProbeLog<Loop> log;
+  Loop loop;
+  reactor::Acceptor<Probe<Loop>, Loop> acceptor(loop, reactor::Endpoint::parse("127.0.0.1:7000"),
+                                                Probe<Loop>{&log});
+  const sim::PeerId peer = *kernel.connect(7000);
+  loop.run_once(0ms);
+  REQUIRE(log.connection != nullptr);
+
+  const Clock::time_point start = kernel.now();
+  kernel.after(50ms, [&] {
+    kernel.peer_close(peer);  // the last connection goes...
+    loop.stop();              // ...in the iteration that sees a second Ctrl-C
+  });
+  const reactor::ShutdownReport report = loop.shutdown(5s);
+  CHECK_FALSE(report.error);
+  CHECK(report.flushed == 1);
+  CHECK(report.aborted == 0);
+  CHECK(log.eofs == 1);
+  CHECK_FALSE(log.reason);
+  CHECK(ms_between(start, kernel.now()) == 50.0);
+  CHECK_FALSE(loop.stop_requested());  // was still pending
+
+  bool timer_ran = false;
+  loop.schedule_after(100ms, [&] {
+    timer_ran = true;
+    loop.stop();
+  });
+  loop.run();
+  CHECK(timer_ran);                                 // was false: run() returned at once
+  CHECK(ms_between(start, kernel.now()) == 150.0);  // was 50
+}
+
+// --- 5. A simulated fd's owner closes it in the simulation ---------------------------------------
+
+// Guards: the fd owner that connect<sim::SimSyscalls>() returns, and that adopt() takes, closes
+// through the simulated kernel (BasicUniqueFd<Sys>). Before a0b7a57 UniqueFd always called the
+// real ::close(): a simulated fd number dropped on connect()'s failure path, by the owner's
+// destructor, or on adopt()'s failure path closed the test process's real fd of the same number,
+// and the simulated fd leaked. Here a real /dev/null fd takes that number. The owner's type is
+// taken from connect<sim::SimSyscalls>() (BasicUniqueFd<sim::SimSyscalls> now, UniqueFd before),
+// so that the case also builds on the old headers and shows the failure.
+TEST_CASE("an fd of the simulated kernel is never closed with the real close",
+          "[regression][simulation][fd]") {
+  using SimFd = decltype(reactor::connect<sim::SimSyscalls>(
+      std::declval<const reactor::Endpoint&>(), std::declval<std::error_code&>()));
+  using Loop = SimLoop<reactor::LevelTriggered>;
+
+  SECTION("connect's failure path") {
+    sim::Kernel kernel;
+    const FdCollision collision;
+    std::error_code ec;
+    const SimFd socket =
+        reactor::connect<sim::SimSyscalls>(reactor::Endpoint::parse("127.0.0.1:7999"), ec);
+    CHECK(ec == std::errc::connection_refused);  // nothing listens; socket() took the number
+    CHECK_FALSE(socket);
+    CHECK_FALSE(kernel.fd_open(collision.number()));  // was leaked
+    CHECK(kernel.open_fds() == collision.fillers());
+    CHECK(collision.real_open());  // was closed
+  }
+  SECTION("the owner's destructor") {
+    sim::Kernel kernel;
+    const FdCollision collision;
+    const auto [fd, peer] = kernel.open_connected();
+    REQUIRE(fd == collision.number());
+    { const SimFd owner(fd); }
+    CHECK_FALSE(kernel.fd_open(fd));  // was leaked
+    CHECK(collision.real_open());     // was closed
+    std::string none;
+    CHECK(kernel.peer_recv(peer, none) == 0);  // the simulated socket sent its FIN
+  }
+  SECTION("adopt's failure path") {
+    sim::Kernel kernel;
+    ProbeLog<Loop> log;
+    Loop loop;
+    const FdCollision collision;
+    const auto [fd, peer] = kernel.open_connected();
+    REQUIRE(fd == collision.number());
+    kernel.set_faults(
+        [](sim::Op op, int) { return op == sim::Op::kFcntl ? sim::Fault{EBADF} : sim::Fault{}; });
+    std::error_code ec;
+    const auto* connection = reactor::adopt(loop, SimFd(fd), Probe<Loop>{&log}, {}, ec);
+    kernel.set_faults(nullptr);
+    CHECK(connection == nullptr);
+    CHECK(ec == std::errc::bad_file_descriptor);
+    CHECK(log.closes == 0);           // no hook ran
+    CHECK_FALSE(kernel.fd_open(fd));  // was leaked
+    CHECK(collision.real_open());     // was closed
+    std::string none;
+    CHECK(kernel.peer_recv(peer, none) == 0);
+  }
+}
