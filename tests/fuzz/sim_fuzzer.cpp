@@ -890,7 +890,13 @@ class Scenario {
   // Runs what is posted and pending in the world, then hands the peers what is left.
   void finish() {
     faults_on_ = false;
-    for (int i = 0; i < 50 && (ran_ < posted_ || kernel_.pending_actions() > 0); ++i) {
+    // The scenario's timers end here (a periodic one may post on every tick); then what was posted
+    // and what the world still had planned runs out.
+    for (TimerModel& m : timers_) {
+      if (m.pending) FUZZ_CHECK(loop_->cancel(m.id));
+      m.pending = false;
+    }
+    for (int i = 0; i < 1000 && (ran_ < posted_ || kernel_.pending_actions() > 0); ++i) {
       kernel_.external_step();
       std::error_code ec;
       loop_->run_once(milliseconds(kernel_.pending_actions() > 0 ? 10000 : 0), ec);
