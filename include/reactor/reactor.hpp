@@ -454,6 +454,7 @@ class Reactor {
       }
       frame_ = {&loop, detail::running_reactors};
       detail::running_reactors = &frame_;
+      loop.inside_ = true;
       active_ = true;
     }
     RunScope(const RunScope&) = delete;
@@ -461,6 +462,7 @@ class Reactor {
     ~RunScope() {
       if (!active_) return;
       detail::running_reactors = frame_.next;
+      loop_.inside_ = false;
       loop_.in_use_.store(false, std::memory_order_release);
     }
 
@@ -766,9 +768,12 @@ class Reactor {
   Clock::time_point cached_now() const noexcept { return now_; }
   // For activity stamps: the cached clock inside the loop, the policy's clock outside it (between
   // run_once() calls the cached one is as old as the last iteration, and a timeout measured from
-  // it would fire early by that much). Outside the loop only its owner thread may call in.
+  // it would fire early by that much). Outside the loop only its owner thread may call in. A
+  // plain bool, not in_use_: on the send path an atomic load cost 4-10 instructions per message.
   Clock::time_point activity_now() const noexcept {
-    return in_use_.load(std::memory_order_relaxed) ? now_ : detail::clock_now<Sys>();
+    if (inside_) [[likely]]
+      return now_;
+    return detail::clock_now<Sys>();
   }
 
   // True on the thread inside this reactor's run(), run_once() or shutdown() (callbacks
@@ -814,6 +819,7 @@ class Reactor {
   int batch_index_ = -1;
   int batch_size_ = 0;
   Clock::time_point now_{};
+  bool inside_ = false;              // the owner thread is inside run(), run_once() or shutdown()
   std::atomic<bool> in_use_{false};  // some thread is inside run(), run_once() or shutdown()
   std::unique_ptr<char[]> read_buffer_;
   ChunkPool chunk_pool_;
