@@ -1610,7 +1610,7 @@ TEST_CASE("connect reports a failing call through ec, throws naming connect, and
 
   script_step();
   std::error_code ec;
-  reactor::UniqueFd socket(reactor::connect<test::FaultSyscalls>(acceptor.local_endpoint(), ec));
+  reactor::UniqueFd socket = reactor::connect<test::FaultSyscalls>(acceptor.local_endpoint(), ec);
   CHECK_FALSE(socket);
   CHECK(ec == sys(step.error));
   CHECK(test::open_fd_count() == fds_before);
@@ -1632,8 +1632,7 @@ TEST_CASE("EINTR from connect waits for the connection and returns a connected s
   script.next(Call::kPoll, fail(EINTR));  // the wait is interrupted too, and retried
 
   std::error_code ec;
-  test::Peer client(
-      reactor::UniqueFd(reactor::connect<test::FaultSyscalls>(acceptor.local_endpoint(), ec)));
+  test::Peer client(reactor::connect<test::FaultSyscalls>(acceptor.local_endpoint(), ec));
 
   REQUIRE_FALSE(ec);
   CHECK(script.calls(Call::kPoll) == 2);

@@ -411,11 +411,13 @@ class Connection final : private detail::OwnedWatcher {
     if constexpr (!kEdge) {
       // EPOLLHUP cannot be masked: level-triggered, it would fire on every epoll_wait. When the
       // connection can neither read (paused, EOF seen) nor write, nothing will clear it.
-      if ((events & EPOLLHUP) != 0 && !reading_enabled() && output_.empty()) {
+      // A close() from on_data during this event made it linger: the next event reads the EOF.
+      if ((events & EPOLLHUP) != 0 && phase_ != Phase::kLingering && !reading_enabled() &&
+          output_.empty()) {
         if ((flags_ & (kUserPaused | kEof)) == kUserPaused && phase_ <= Phase::kFinSent) {
-          // Both FINs are through but the handler paused before the peer's EOF, which is still
-          // to be read. Leave the epoll set (the EPOLLHUP would spin) until the handler resumes
-          // (reading_resumed re-adds it).
+          // The peer is done (TCP: both FINs are through; a Unix socket: the peer closed) but the
+          // handler paused before reading its EOF. Leave the epoll set (the EPOLLHUP would spin)
+          // until the handler resumes (reading_resumed re-adds it).
           loop_->deregister(*this);
         } else {
           fail(make_error_code(Error::kPeerHangup));
@@ -650,7 +652,7 @@ class Connection final : private detail::OwnedWatcher {
       return;
     }
     if (!fin_sent && Sys::shutdown(fd, SHUT_WR) != 0) {
-      fail(detail::last_errno_code());  // reset under us: what was flushed may not have arrived
+      fail(socket_error_or(errno));  // reset under us: what was flushed may not have arrived
       return;
     }
     phase_ = Phase::kLingering;
@@ -691,7 +693,9 @@ class Connection final : private detail::OwnedWatcher {
     for (int budget = loop_->max_reads_per_wakeup(); budget > 0; --budget) {
       const ssize_t n = Sys::read(fd, buffer, capacity);
       if (n > 0) {
-        if (!kEdge) return;
+        // Level mode reads once per event; out of the epoll set (after EPOLLHUP while paused) no
+        // event will come, so it reads on, to the EOF or through the ready list.
+        if (!kEdge && registered) return;
         continue;
       }
       if (n < 0 && errno == EINTR) continue;
@@ -707,7 +711,11 @@ class Connection final : private detail::OwnedWatcher {
   void update_interest() noexcept {
     if constexpr (!kEdge) {
       if (fd < 0) return;
-      if (!registered) {  // out of the epoll set after EPOLLHUP while paused
+      if (!registered) {         // out of the epoll set after EPOLLHUP while paused
+        if (!output_.empty()) {  // something to write after all: back in, for EPOLLOUT
+          if (const std::error_code ec = loop_->add(*this, EPOLLOUT)) fail(ec);
+          return;
+        }
         // Closing from there: linger reads to the EOF (handle_resume), no event will ask.
         if (phase_ == Phase::kLingering) loop_->schedule_ready(*this);
         return;
@@ -721,6 +729,17 @@ class Connection final : private detail::OwnedWatcher {
   }
 
   void fail(const std::error_code& reason) noexcept { close_now(reason); }
+
+  // The socket's pending error (SO_ERROR: ECONNRESET after an RST, say), else `error`: a
+  // shutdown() after an RST fails with ENOTCONN, which hides the cause.
+  std::error_code socket_error_or(int error) noexcept {
+    int pending = 0;
+    socklen_t length = sizeof pending;
+    if (Sys::getsockopt(fd, SOL_SOCKET, SO_ERROR, &pending, &length) == 0 && pending != 0) {
+      error = pending;
+    }
+    return detail::errno_code(error);
+  }
 
   bool has_timeouts() const noexcept {
     return (idle_timeout_ms_ | read_timeout_ms_ | write_timeout_ms_) != 0;
@@ -934,7 +953,7 @@ class Connection final : private detail::OwnedWatcher {
 // Hands a connected socket to `loop` as a Connection with `handler`; sets O_NONBLOCK on it and
 // calls on_open. Returns nullptr with `ec` set on failure (the fd is closed then). The pointer is
 // valid until on_close returns.
-template <class Handler, class R, class FdSys>
+template <class Handler, class R, class FdSys = typename R::syscalls>
 Connection<Handler, R>* adopt(R& loop, BasicUniqueFd<FdSys> socket, Handler handler,
                               const ConnectionOptions& options, std::error_code& ec) noexcept {
   using Sys = typename R::syscalls;
@@ -951,7 +970,7 @@ Connection<Handler, R>* adopt(R& loop, BasicUniqueFd<FdSys> socket, Handler hand
 }
 
 // Throwing overload: std::system_error naming "adopt".
-template <class Handler, class R, class FdSys>
+template <class Handler, class R, class FdSys = typename R::syscalls>
 Connection<Handler, R>& adopt(R& loop, BasicUniqueFd<FdSys> socket, Handler handler,
                               const ConnectionOptions& options = {}) {
   std::error_code ec;

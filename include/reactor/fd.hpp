@@ -5,6 +5,7 @@
 // UniqueFd is BasicUniqueFd<LinuxSyscalls>.
 #pragma once
 
+#include <type_traits>
 #include <utility>
 
 #include "syscalls.hpp"
@@ -18,10 +19,13 @@ class BasicUniqueFd {
   // Takes ownership of `fd` (-1 for none).
   explicit BasicUniqueFd(int fd) noexcept : fd_(fd) {}
   BasicUniqueFd(BasicUniqueFd&& other) noexcept : fd_(other.release()) {}
-  // Takes over an fd owned under another policy (one that wraps the same kernel, as a fault
-  // injecting policy does); explicit, since the two must agree on what the fd is.
+  // Takes over an fd owned under another policy. Implicit when one policy derives from the other
+  // (a fault-injecting policy over LinuxSyscalls: the same kernel, as UniqueFd code written before
+  // BasicUniqueFd expects), explicit otherwise: the two must agree on what the fd is.
   template <class Other>
-  explicit BasicUniqueFd(BasicUniqueFd<Other>&& other) noexcept : fd_(other.release()) {}
+  explicit(!(std::is_base_of_v<Sys, Other> || std::is_base_of_v<Other, Sys>))
+      BasicUniqueFd(BasicUniqueFd<Other>&& other) noexcept
+      : fd_(other.release()) {}
   BasicUniqueFd& operator=(BasicUniqueFd&& other) noexcept {
     if (this != &other) reset(other.release());
     return *this;

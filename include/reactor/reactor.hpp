@@ -74,9 +74,9 @@ struct ShutdownReport {
 namespace detail {
 
 // `start + delay`, saturated at the clock's range instead of overflowing, for delays of either
-// sign. The delay is first compared with the clock's range in its own unit (hours::max() would
-// overflow on conversion to nanoseconds), so any duration no finer than the clock's is accepted;
-// then the tick counts are added with an overflow check.
+// sign and any integer representation. The delay is first compared with the clock's range in its
+// own period but a wide representation, so neither hours::max() nor an unsigned or narrow count
+// can wrap; then the tick counts are added with an overflow check.
 template <class Rep, class Period>
 std::chrono::steady_clock::time_point saturating_add(
     std::chrono::steady_clock::time_point start,
@@ -86,8 +86,12 @@ std::chrono::steady_clock::time_point saturating_add(
   using Delay = std::chrono::duration<Rep, Period>;
   static_assert(std::is_convertible_v<Delay, Ticks>,
                 "reactor: durations finer than the steady clock's are not supported");
-  if (delay >= std::chrono::duration_cast<Delay>(Ticks::max())) return Clock::time_point::max();
-  if (delay <= std::chrono::duration_cast<Delay>(Ticks::min())) return Clock::time_point::min();
+  // (Implicitly convertible means an integer count: floating durations are refused above.)
+  using Wide = std::chrono::duration<std::intmax_t, Period>;
+  constexpr std::intmax_t kMax = std::chrono::duration_cast<Wide>(Ticks::max()).count();
+  constexpr std::intmax_t kMin = std::chrono::duration_cast<Wide>(Ticks::min()).count();
+  if (std::cmp_greater_equal(delay.count(), kMax)) return Clock::time_point::max();
+  if (std::cmp_less_equal(delay.count(), kMin)) return Clock::time_point::min();
   const Ticks::rep ticks = std::chrono::duration_cast<Ticks>(delay).count();
   Ticks::rep sum = 0;
   if (__builtin_add_overflow(start.time_since_epoch().count(), ticks, &sum)) {
@@ -152,7 +156,8 @@ class Reactor {
   Reactor& operator=(const Reactor&) = delete;
 
   // Aborts every connection still open (each gets on_close with operation_canceled, or with an
-  // empty reason if it had flushed everything and was only lingering for the peer's FIN), drops
+  // empty reason if it was only lingering for the peer's FIN and the kernel had delivered all its
+  // output: SIOCOUTQ, TCP), drops
   // posted work that has not run and pending timers, then closes its fds. Acceptors and watchers
   // must be destroyed before their reactor.
   // on_close callbacks run as inside the loop (run_once()/shutdown() from them are refused), and a
@@ -366,7 +371,9 @@ class Reactor {
   }
 
   // Takes the watcher's fd out of the epoll set, leaving the batch alone: for connections, whose
-  // queued events are dropped by their fd of -1 until they are freed after the batch.
+  // queued events are dropped by their fd of -1 until they are freed after the batch (a paused
+  // connection that leaves the set on EPOLLHUP keeps its fd: epoll reported it once in this
+  // batch, and that event is the one being handled).
   void deregister(detail::Watcher& watcher) noexcept {
     if (!watcher.registered) return;
     epoll_event event{};
@@ -787,7 +794,8 @@ class Reactor {
   void count_shutdown_close(const std::error_code& reason) noexcept {
     if (shutdown_report_ == nullptr) return;
     // Aborted: cut off by the deadline or a stop(). A connection that lingered to the deadline
-    // after an idle timeout keeps its timed_out reason and counts as failed, as on_close says.
+    // after an idle timeout keeps its timed_out reason and counts as failed, as on_close says,
+    // if the kernel had delivered everything; if not, the abort's operation_canceled replaces it.
     if (!reason) {
       ++shutdown_report_->flushed;
     } else if (aborting_ && reason == std::errc::operation_canceled) {

@@ -19,8 +19,9 @@
 namespace reactor {
 
 // Connects a new stream socket to `endpoint`, blocking until the connection is established or
-// fails; the returned socket is non-blocking and close-on-exec, with TCP_NODELAY for TCP. Returns
-// an empty UniqueFd with `ec` set on failure (connection_refused, ...).
+// fails; the returned socket is non-blocking and close-on-exec, with TCP_NODELAY for TCP, owned by
+// a BasicUniqueFd<Sys> (UniqueFd for the default policy). Returns an empty one with `ec` set on
+// failure (connection_refused, ...).
 template <SyscallPolicy Sys = LinuxSyscalls>
 BasicUniqueFd<Sys> connect(const Endpoint& endpoint, std::error_code& ec) noexcept {
   ec.clear();

@@ -124,6 +124,16 @@ namespace detail {
 // The policy's clock: Sys::now() where the policy has one, else steady_clock.
 template <class Sys>
 std::chrono::steady_clock::time_point clock_now() noexcept {
+  // A policy that names now() with another signature would silently get the real clock, mixed
+  // with its own timerfd: say so instead.
+  static_assert(
+      !requires { Sys::now(); } ||
+          requires {
+            { Sys::now() }
+            noexcept->std::same_as<std::chrono::steady_clock::time_point>;
+          },
+      "reactor: a syscall policy's now() must be "
+      "`static std::chrono::steady_clock::time_point now() noexcept`");
   if constexpr (requires {
                   { Sys::now() }
                   noexcept->std::same_as<std::chrono::steady_clock::time_point>;
@@ -138,6 +148,14 @@ std::chrono::steady_clock::time_point clock_now() noexcept {
 // call failed, or the policy has no ioctl().
 template <class Sys>
 int unsent_bytes(int fd) noexcept {
+  static_assert(
+      !requires { &Sys::ioctl; } ||
+          requires(int value) {
+            { Sys::ioctl(fd, SIOCOUTQ, &value) }
+            noexcept->std::same_as<int>;
+          },
+      "reactor: a syscall policy's ioctl() must be "
+      "`static int ioctl(int fd, unsigned long request, int* argument) noexcept`");
   if constexpr (requires(int value) {
                   { Sys::ioctl(fd, SIOCOUTQ, &value) }
                   noexcept->std::same_as<int>;

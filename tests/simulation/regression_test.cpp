@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstddef>
+#include <cstdint>
 #include <limits>
 #include <string>
 #include <string_view>
@@ -505,4 +506,127 @@ TEST_CASE("an fd of the simulated kernel is never closed with the real close",
     std::string none;
     CHECK(kernel.peer_recv(peer, none) == 0);
   }
+}
+
+// --- Found by review of the fixes above
+// -----------------------------------------------------------
+
+template <class Loop>
+struct Closer;
+template <class Loop>
+using CloserConnection = reactor::Connection<Closer<Loop>, Loop>;
+
+// Half-closes and pauses in on_open (pause_on_open), or closes from on_data (close_on_data).
+template <class Loop>
+struct Closer {
+  CloserConnection<Loop>** slot;
+  ProbeLog<Loop>* log;
+  bool pause_on_open = false;
+  bool close_on_data = false;
+  void on_open(CloserConnection<Loop>& c) {
+    *slot = &c;
+    c.shutdown();
+    if (pause_on_open) c.pause_reading();
+  }
+  void on_data(CloserConnection<Loop>& c, std::string_view bytes) {
+    log->input.append(bytes);
+    if (close_on_data) c.close();
+  }
+  void on_close(CloserConnection<Loop>&, std::error_code reason) {
+    ++log->closes;
+    log->reason = reason;
+    log->closed_at = world_now<Loop>();
+    *slot = nullptr;
+  }
+};
+
+// Guards: a level-mode connection that left the epoll set on EPOLLHUP (paused, both FINs through)
+// and is then closed reads the peer's EOF at once. Before, its linger read once and waited for an
+// EPOLLIN that could not come, closing only when linger_timeout (2 s) ran out.
+TEMPLATE_TEST_CASE("closing a paused connection after both FINs does not wait out the linger",
+                   "[regression][simulation][close]", reactor::LevelTriggered,
+                   reactor::EdgeTriggered) {
+  using Loop = SimLoop<TestType>;
+  sim::Kernel kernel;
+  ProbeLog<Loop> log;
+  CloserConnection<Loop>* connection = nullptr;
+  Loop loop;
+  reactor::Acceptor<Closer<Loop>, Loop> acceptor(loop, reactor::Endpoint::parse("127.0.0.1:7000"),
+                                                 Closer<Loop>{&connection, &log, true, false});
+  const sim::PeerId peer = *kernel.connect(7000);
+  loop.run_once(0ms);
+  REQUIRE(connection != nullptr);
+  CHECK(kernel.peer_send(peer, std::string(1000, 'x')) == 1000);
+  CHECK(kernel.peer_shutdown(peer) == 0);
+  for (int i = 0; i < 5; ++i) {
+    kernel.external_step();
+    loop.run_once(0ms);
+  }
+  REQUIRE(connection != nullptr);  // paused: still open, and not spinning
+  const Clock::time_point closed_from = kernel.now();
+  connection->close();
+  for (int i = 0; i < 10 && log.closes == 0; ++i) loop.run_once(-1ms);
+  CHECK(log.closes == 1);
+  CHECK_FALSE(log.reason);
+  CHECK(ms_between(closed_from, log.closed_at) == 0.0);  // was 2000 (the linger timeout), level
+}
+
+// Guards: close() from on_data, during an event that carries EPOLLHUP (our FIN out, the peer's
+// data and FIN in), is an orderly close. Level mode reported kPeerHangup: the hang-up check ran
+// after on_data had made the connection linger.
+TEMPLATE_TEST_CASE("close from on_data during an EPOLLHUP event is an orderly close",
+                   "[regression][simulation][close]", reactor::LevelTriggered,
+                   reactor::EdgeTriggered) {
+  using Loop = SimLoop<TestType>;
+  sim::Kernel kernel;
+  ProbeLog<Loop> log;
+  CloserConnection<Loop>* connection = nullptr;
+  Loop loop;
+  reactor::Acceptor<Closer<Loop>, Loop> acceptor(loop, reactor::Endpoint::parse("127.0.0.1:7000"),
+                                                 Closer<Loop>{&connection, &log, false, true});
+  const sim::PeerId peer = *kernel.connect(7000);
+  loop.run_once(0ms);
+  CHECK(kernel.peer_send(peer, std::string(100, 'x')) == 100);
+  CHECK(kernel.peer_shutdown(peer) == 0);
+  for (int i = 0; i < 10 && log.closes == 0; ++i) loop.run_once(-1ms);
+  CHECK(log.closes == 1);
+  CHECK_FALSE(log.reason);  // was reactor::Error::kPeerHangup in level mode
+  CHECK(log.input == std::string(100, 'x'));
+}
+
+// Guards: delays of any representation saturate correctly. The first rewrite of saturating_add
+// compared in the delay's own representation: an unsigned count made every positive delay "below
+// the clock's minimum" (the timer fired at once), an int count of microseconds wrapped the maximum
+// (the timer never fired).
+TEST_CASE("delays with unsigned and narrow representations keep their deadline",
+          "[regression][simulation][timer]") {
+  using Loop = SimLoop<reactor::LevelTriggered>;
+  sim::Kernel kernel;
+  Loop loop;
+  const Clock::time_point start = kernel.now();
+  std::vector<std::pair<std::string, double>> fired;
+  const auto record = [&](std::string name) {
+    return [&fired, &kernel, start, name] {
+      fired.emplace_back(name, ms_between(start, kernel.now()));
+    };
+  };
+  loop.schedule_after(std::chrono::duration<unsigned, std::milli>(30), record("unsigned 30 ms"));
+  loop.schedule_after(std::chrono::duration<int, std::micro>(10'000), record("int 10000 us"));
+  loop.schedule_after(std::chrono::duration<short, std::milli>(20), record("short 20 ms"));
+  loop.schedule_after(std::chrono::duration<std::uint64_t, std::nano>(40'000'000),
+                      record("uint64 40000000 ns"));
+  for (int i = 0; i < 10 && fired.size() < 4; ++i) loop.run_once(-1ms);
+  CHECK(fired == std::vector<std::pair<std::string, double>>{{"int 10000 us", 10.0},
+                                                             {"short 20 ms", 20.0},
+                                                             {"unsigned 30 ms", 30.0},
+                                                             {"uint64 40000000 ns", 40.0}});
+  // At the edges of the range: saturated, never wrapped.
+  loop.schedule_after(std::chrono::duration<std::uint64_t, std::ratio<3600>>::max(),
+                      record("never"));
+  loop.schedule_after(std::chrono::duration<std::int64_t, std::ratio<3600>>::min(),
+                      record("at once"));
+  loop.run_once(0ms);
+  REQUIRE(fired.size() == 5);
+  CHECK(fired.back().first == "at once");
+  CHECK(loop.pending_timers() == 1);
 }

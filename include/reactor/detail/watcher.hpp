@@ -17,7 +17,8 @@ enum class WatcherOp : std::uint8_t {
   kEvent,     // epoll reported `events` (already masked by the registered interest)
   kResume,    // the watcher asked to be run again without a new event (ready list, backoff)
   kClose,     // close gracefully: flush pending output, then close (connections)
-  kAbort,     // close now with operation_canceled: the reactor is being destroyed (connections)
+  kAbort,     // close now with operation_canceled: the reactor is being destroyed, or a graceful
+              // shutdown's grace ended (connections)
   kFinalize,  // the watcher is closed and unlinked: run its last callback and free it (connections)
   kSend,      // send the std::string_view that `argument` points to (connections, via handles)
   kDrain,     // a graceful shutdown began: finish serving, close once quiet (connections)
