@@ -497,7 +497,7 @@ class Connection final : private detail::OwnedWatcher {
     if (!reading_enabled()) return;
     if constexpr (!kEdge) {
       if (!registered) {  // left the epoll set on EPOLLHUP while paused: back in, reading
-        if (const std::error_code ec = loop_->add(*this, EPOLLIN | EPOLLRDHUP)) {
+        if (const std::error_code ec = rejoin(EPOLLIN | EPOLLRDHUP)) {
           fail(ec);
           return;
         }
@@ -699,7 +699,11 @@ class Connection final : private detail::OwnedWatcher {
         continue;
       }
       if (n < 0 && errno == EINTR) continue;
-      if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
+      if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+        // Out of the epoll set, nothing would ever ask again: back in, so events drive the rest.
+        if (!kEdge && !registered && rejoin(EPOLLIN | EPOLLRDHUP)) close_now({});
+        return;
+      }
       close_now({});  // EOF (or an error: the peer is gone either way)
       return;
     }
@@ -713,7 +717,7 @@ class Connection final : private detail::OwnedWatcher {
       if (fd < 0) return;
       if (!registered) {         // out of the epoll set after EPOLLHUP while paused
         if (!output_.empty()) {  // something to write after all: back in, for EPOLLOUT
-          if (const std::error_code ec = loop_->add(*this, EPOLLOUT)) fail(ec);
+          if (const std::error_code ec = rejoin(EPOLLOUT)) fail(ec);
           return;
         }
         // Closing from there: linger reads to the EOF (handle_resume), no event will ask.
@@ -729,6 +733,14 @@ class Connection final : private detail::OwnedWatcher {
   }
 
   void fail(const std::error_code& reason) noexcept { close_now(reason); }
+
+  // Back into the epoll set after leaving it on EPOLLHUP while paused. Should that EPOLL_CTL_DEL
+  // have failed (only an injected fault can make it), the fd is still there: modify it instead.
+  std::error_code rejoin(std::uint32_t events) noexcept {
+    std::error_code ec = loop_->add(*this, events);
+    if (ec == std::errc::file_exists) ec = loop_->modify(*this, events);
+    return ec;
+  }
 
   // The socket's pending error (SO_ERROR: ECONNRESET after an RST, say), else `error`: a
   // shutdown() after an RST fails with ENOTCONN, which hides the cause.
