@@ -376,9 +376,7 @@ class Connection final : private detail::OwnedWatcher {
       return;
     }
     if ((events & EPOLLERR) != 0) {
-      int error = 0;
-      socklen_t length = sizeof error;
-      if (Sys::getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &length) == 0 && error != 0) {
+      if (const int error = pending_error()) {
         fail(detail::errno_code(error));
         return;
       }
@@ -482,9 +480,7 @@ class Connection final : private detail::OwnedWatcher {
       redeliver_kept_input();
       if (!reading_enabled()) return;
     }
-    if constexpr (kEdge) {
-      read_some(false);
-    }
+    if constexpr (kEdge) read_some(false);
   }
 
   // Hands the input kept while reading was paused back to on_data (resume_reading() asked for it).
@@ -652,7 +648,11 @@ class Connection final : private detail::OwnedWatcher {
       return;
     }
     if (!fin_sent && Sys::shutdown(fd, SHUT_WR) != 0) {
-      fail(socket_error_or(errno));  // reset under us: what was flushed may not have arrived
+      // Reset under us: what was flushed may not have arrived. shutdown() then says ENOTCONN,
+      // which hides the cause; SO_ERROR has it.
+      const int error = errno;
+      const int pending = pending_error();
+      fail(detail::errno_code(pending != 0 ? pending : error));
       return;
     }
     phase_ = Phase::kLingering;
@@ -734,6 +734,9 @@ class Connection final : private detail::OwnedWatcher {
 
   void fail(const std::error_code& reason) noexcept { close_now(reason); }
 
+  // While a draining connection still sends, the shortest wait before its quiet check looks again.
+  static constexpr std::chrono::milliseconds kDrainRecheck{10};
+
   // Back into the epoll set after leaving it on EPOLLHUP while paused. Should that EPOLL_CTL_DEL
   // have failed (only an injected fault can make it), the fd is still there: modify it instead.
   std::error_code rejoin(std::uint32_t events) noexcept {
@@ -742,15 +745,12 @@ class Connection final : private detail::OwnedWatcher {
     return ec;
   }
 
-  // The socket's pending error (SO_ERROR: ECONNRESET after an RST, say), else `error`: a
-  // shutdown() after an RST fails with ENOTCONN, which hides the cause.
-  std::error_code socket_error_or(int error) noexcept {
-    int pending = 0;
-    socklen_t length = sizeof pending;
-    if (Sys::getsockopt(fd, SOL_SOCKET, SO_ERROR, &pending, &length) == 0 && pending != 0) {
-      error = pending;
-    }
-    return detail::errno_code(error);
+  // The socket's pending error (SO_ERROR: ECONNRESET after an RST, say), taken; 0 if none.
+  int pending_error() noexcept {
+    int error = 0;
+    socklen_t length = sizeof error;
+    if (Sys::getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &length) != 0) return 0;
+    return error;
   }
 
   bool has_timeouts() const noexcept {
@@ -811,8 +811,6 @@ class Connection final : private detail::OwnedWatcher {
   // look again when the next one could. Traffic since the timer was set just moves the deadline;
   // nothing was rescheduled per byte. During a graceful shutdown it also closes the connection
   // once it is quiet.
-  static constexpr std::chrono::milliseconds kDrainRecheck{10};
-
   void check_timeouts() noexcept {
     if (phase_ > Phase::kClosing) return;
     const Clock::time_point now = loop_->cached_now();

@@ -481,43 +481,17 @@ class Kernel {
   }
 
   ssize_t sys_send(int fd, const void* buffer, std::size_t size, int /*flags*/) {
-    const Fault f = fault(Op::kSend, fd);
-    ssize_t result;
-    if (f.error != 0) {
-      result = fail_errno(f.error);
-    } else if (!fd_open(fd)) {
-      result = fail_errno(EBADF);
-    } else if (table_[fd]->kind != FileKind::kSocket) {
-      result = fail_errno(ENOTSOCK);
-    } else {
-      result = socket_send(*table_[fd], buffer, size, f.limit);
-    }
-    if (result > 0) trace_bytes(buffer, static_cast<std::size_t>(result));
-    return result;
+    return send_checked(fault(Op::kSend, fd), fd, buffer, size);
   }
 
   ssize_t sys_sendmsg(int fd, const msghdr* message, int /*flags*/) {
     const Fault f = fault(Op::kSendmsg, fd);
-    std::size_t size = 0;
-    for (std::size_t i = 0; i < message->msg_iovlen; ++i) size += message->msg_iov[i].iov_len;
-    ssize_t result;
-    if (f.error != 0) {
-      result = fail_errno(f.error);
-    } else if (!fd_open(fd)) {
-      result = fail_errno(EBADF);
-    } else if (table_[fd]->kind != FileKind::kSocket) {
-      result = fail_errno(ENOTSOCK);
-    } else {
-      std::string gathered;
-      gathered.reserve(size);
-      for (std::size_t i = 0; i < message->msg_iovlen; ++i) {
-        gathered.append(static_cast<const char*>(message->msg_iov[i].iov_base),
-                        message->msg_iov[i].iov_len);
-      }
-      result = socket_send(*table_[fd], gathered.data(), size, f.limit);
-      if (result > 0) trace_bytes(gathered.data(), static_cast<std::size_t>(result));
+    std::string gathered;
+    for (std::size_t i = 0; i < message->msg_iovlen; ++i) {
+      gathered.append(static_cast<const char*>(message->msg_iov[i].iov_base),
+                      message->msg_iov[i].iov_len);
     }
-    return result;
+    return send_checked(f, fd, gathered.data(), gathered.size());
   }
 
   int sys_socket(int domain, int type, int /*protocol*/) {
@@ -1257,6 +1231,23 @@ class Kernel {
       transmit(s, side);
     }
     progress();
+  }
+
+  // send() and sendmsg() (gathered) after their fault was chosen: the checks, the transfer, the
+  // payload into the trace hash.
+  ssize_t send_checked(const Fault& f, int fd, const void* data, std::size_t size) {
+    ssize_t result;
+    if (f.error != 0) {
+      result = fail_errno(f.error);
+    } else if (!fd_open(fd)) {
+      result = fail_errno(EBADF);
+    } else if (table_[fd]->kind != FileKind::kSocket) {
+      result = fail_errno(ENOTSOCK);
+    } else {
+      result = socket_send(*table_[fd], data, size, f.limit);
+    }
+    if (result > 0) trace_bytes(data, static_cast<std::size_t>(result));
+    return result;
   }
 
   ssize_t socket_send(File& f, const void* data, std::size_t size, std::size_t limit) {
