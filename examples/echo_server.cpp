@@ -1,7 +1,8 @@
 // echo_server: echoes every byte back, in order, on TCP (IPv4/IPv6) or a Unix socket.
 //
 //   echo_server [--host ADDR] [--port N] [--unix PATH] [--edge] [--high-water BYTES]
-//               [--idle-timeout SECONDS]
+//               [--idle-timeout SECONDS] [--threads N]
+//               [--balance reuseport|dispatch|round-robin|exclusive]
 //
 // Prints one line "listening on HOST:PORT" (or "listening on unix:PATH") when ready. On peer EOF
 // it flushes what is pending, then closes. Reading from a client pauses while more than
@@ -12,6 +13,12 @@
 // half-closes; after 3 s, or at a second SIGINT/SIGTERM, it aborts what is left. It then reports
 // the counts on stderr ("flushed": closed after echoing everything; "aborted": the rest, including
 // connections that failed during the stop) and exits 0.
+//
+// --threads N (default 1) runs N reactors, one thread each, and --balance says how connections
+// reach them: "reuseport" (default; a listening socket per thread, the kernel hashes connections
+// to them; TCP only), "dispatch" (one listener, each connection handed to the thread with the
+// fewest), "round-robin" (the same, in turn) or "exclusive" (one listener in every thread's epoll
+// set, EPOLLEXCLUSIVE). Signals, the stop and the report cover all threads.
 #include <reactor.hpp>
 
 #include <cerrno>
@@ -31,6 +38,8 @@ struct Options {
   bool edge = false;
   std::size_t high_water = 1024 * 1024;
   double idle_timeout_seconds = 0;
+  std::size_t threads = 1;
+  reactor::Balance balance = reactor::Balance::kReusePort;
 };
 
 // The whole protocol: send back what arrived. Backpressure needs no code here: when the peer
@@ -42,7 +51,8 @@ struct Echo {
 [[noreturn]] void usage(const char* program) {
   std::fprintf(stderr,
                "usage: %s [--host ADDR] [--port N] [--unix PATH] [--edge] [--high-water BYTES]"
-               " [--idle-timeout SECONDS]\n",
+               " [--idle-timeout SECONDS] [--threads N]"
+               " [--balance reuseport|dispatch|round-robin|exclusive]\n",
                program);
   std::exit(2);
 }
@@ -81,6 +91,23 @@ Options parse(int argc, char** argv) {
       options.high_water = number<std::size_t>(argv[0], value(), 1, std::size_t{1} << 40);
     } else if (arg == "--idle-timeout") {
       options.idle_timeout_seconds = number<double>(argv[0], value(), 0, 1e6);
+    } else if (arg == "--threads") {
+      options.threads = number<std::size_t>(argv[0], value(), 1, 1024);
+    } else if (arg == "--balance") {
+      const std::string_view name = value();
+      if (name == "reuseport") {
+        options.balance = reactor::Balance::kReusePort;
+      } else if (name == "dispatch") {
+        options.balance = reactor::Balance::kLeastConnections;
+      } else if (name == "round-robin") {
+        options.balance = reactor::Balance::kRoundRobin;
+      } else if (name == "exclusive") {
+        options.balance = reactor::Balance::kExclusive;
+      } else {
+        std::fprintf(stderr, "%s: unknown balance '%.*s'\n", argv[0],
+                     static_cast<int>(name.size()), name.data());
+        usage(argv[0]);
+      }
     } else {
       usage(argv[0]);
     }
@@ -91,7 +118,7 @@ Options parse(int argc, char** argv) {
 template <class Mode>
 int serve(const Options& options) {
   using Loop = reactor::Reactor<Mode>;
-  Loop loop;
+  reactor::ReactorPool<Loop> pool(options.threads);
 
   reactor::ListenOptions listen;
   listen.connection.high_water = options.high_water;
@@ -106,17 +133,19 @@ int serve(const Options& options) {
   } else {
     endpoint = reactor::Endpoint::from_host_port(options.host, options.port);
   }
-  reactor::Acceptor<Echo, Loop> acceptor(loop, endpoint, Echo{}, listen);
+  reactor::PoolAcceptor<Echo, Loop> acceptor(pool, endpoint, Echo{}, listen, options.balance);
 
-  reactor::SignalSet signals(loop, {SIGINT, SIGTERM}, [&](int) { loop.stop(); });
+  // Before run() starts the other threads, which inherit the blocked signals: only the signalfd,
+  // on reactor 0, sees SIGINT and SIGTERM, and stops every thread.
+  reactor::SignalSet signals(pool[0], {SIGINT, SIGTERM}, [&](int) { pool.stop(); });
 
   std::printf("listening on %s\n", acceptor.local_endpoint().to_string().c_str());
   std::fflush(stdout);
 
-  loop.run();
+  pool.run();
   // Stop accepting, serve out what clients sent, abort what is left after 3 s or at a second
-  // signal (the SignalSet still calls loop.stop(), which ends the grace period).
-  const reactor::ShutdownReport report = loop.shutdown(std::chrono::seconds(3));
+  // signal (the SignalSet still calls pool.stop(), which ends the grace period everywhere).
+  const reactor::ShutdownReport report = pool.shutdown(std::chrono::seconds(3));
   std::fprintf(stderr, "echo_server: shut down: %zu connections flushed, %zu aborted\n",
                report.flushed, report.failed + report.aborted);
   return 0;

@@ -9,6 +9,7 @@
 #include "reactor/error.hpp"
 #include "reactor/fd.hpp"
 #include "reactor/handle.hpp"
+#include "reactor/pool.hpp"
 #include "reactor/reactor.hpp"
 #include "reactor/signals.hpp"
 #include "reactor/socket.hpp"

@@ -6,7 +6,9 @@
 // acceptor stops watching the listener and retries when one of the reactor's connections closes,
 // or after a backoff (10 ms doubling to 1 s), whichever comes first; pending clients wait in the
 // listen backlog meanwhile. Transient per-connection errors (ECONNABORTED, EPROTO, ...) are
-// skipped. The listener is always level-triggered, whatever the reactor's trigger mode.
+// skipped. The listener is always level-triggered, whatever the reactor's trigger mode. When the
+// reactor's graceful shutdown() closes it, it first accepts what its listen queue holds (the kernel
+// completed those connections: closing the listener would reset them), and those are served out.
 //
 // Threading: construct, use and destroy on the reactor's thread; destroy before the reactor. It
 // may be destroyed from inside any callback, including on_open of a connection it just accepted.
@@ -18,6 +20,7 @@
 #include <sys/un.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
@@ -31,6 +34,27 @@
 #include "reactor.hpp"
 
 namespace reactor {
+
+template <class Handler, class R>
+class PoolAcceptor;
+
+namespace detail {
+
+// A listening socket that several acceptors share, one per reactor, each registering it with
+// EPOLLEXCLUSIVE. The last acceptor to close it closes it.
+struct SharedListener {
+  int fd = -1;
+  std::atomic<int> users{0};
+};
+
+// Where an acceptor hands the sockets it accepts, instead of opening them on its own reactor: a
+// pool's dispatcher. `socket` is connected, non-blocking, close-on-exec, and now the sink's.
+struct AcceptSink {
+  void (*function)(void* context, int socket) noexcept = nullptr;
+  void* context = nullptr;
+};
+
+}  // namespace detail
 
 struct ListenOptions {
   int backlog = SOMAXCONN;
@@ -48,6 +72,7 @@ class Acceptor : private detail::Watcher {
   using Clock = std::chrono::steady_clock;
   static constexpr std::chrono::milliseconds kFirstBackoff{10};
   static constexpr std::chrono::milliseconds kMaxBackoff{1000};
+  static constexpr std::uint64_t kRequeueEvery = 16;  // a shared listener's accepts per requeue
 
  public:
   // Binds and listens on `endpoint` (port 0 picks an ephemeral port; see local_endpoint()).
@@ -76,12 +101,63 @@ class Acceptor : private detail::Watcher {
     close();
   }
 
-  // Stops listening and closes the socket; connections already accepted are unaffected.
-  void close() noexcept {
+  // Stops listening and closes the socket; connections already accepted are unaffected. Clients
+  // still in the listen queue are reset by the kernel (a graceful shutdown() accepts them first).
+  void close() noexcept { close(false); }
+
+ private:
+  template <class, class>
+  friend class PoolAcceptor;
+
+  // For PoolAcceptor: an acceptor on `shared`, a listening socket bound to `endpoint` that other
+  // reactors' acceptors watch too (EPOLLEXCLUSIVE: one of them is woken per connection), or on
+  // its own socket with its accepted sockets handed to `sink` (`shared` null).
+  // The first acceptor of a shared socket (its fd still -1) opens it for all. `what` names the
+  // call that failed, as for the throwing constructor.
+  Acceptor(R& loop, detail::SharedListener* shared, const Endpoint& endpoint, Handler prototype,
+           const ListenOptions& options, detail::AcceptSink sink, std::error_code& ec,
+           const char*& what) noexcept
+      : Watcher(&on_watcher_op),
+        loop_(&loop),
+        prototype_(std::move(prototype)),
+        options_(options),
+        shared_(shared),
+        sink_(sink) {
+    if (shared == nullptr) {
+      ec = open(endpoint, what);
+      return;
+    }
+    if (shared->fd < 0) {
+      shared->users.store(1, std::memory_order_relaxed);  // a failed open() lets go of it
+      ec = open(endpoint, what);
+      if (!ec) shared->fd = fd;
+      return;
+    }
+    what = "epoll_ctl";
+    fd = shared->fd;
+    local_ = endpoint;
+    shared->users.fetch_add(1, std::memory_order_relaxed);
+    ec = register_listener();
+    if (ec) close(false);
+  }
+
+  // `accept_queued`: accept what the listen queue holds before closing (a graceful shutdown);
+  // the last of a shared socket's acceptors does it once more after the others have let go.
+  void close(bool accept_queued) noexcept {
     fd_waiter_.unlink();
     listener_.unlink();
     if (fd < 0) return;
     loop_->remove(*this);
+    if (accept_queued && !accept_all()) return;  // a callback destroyed this acceptor
+    if (shared_ != nullptr) {
+      if (shared_->users.fetch_sub(1, std::memory_order_acq_rel) != 1) {
+        fd = -1;
+        return;
+      }
+      // The last user: the socket is this acceptor's alone now, to drain once more and close.
+      std::exchange(shared_, nullptr)->fd = -1;
+      if (accept_queued && !accept_all()) return;
+    }
     Sys::close(std::exchange(fd, -1));
     if (local_.is_unix() && options_.unlink_on_close) {
       // Straight from the sockaddr, which Endpoint keeps NUL-terminated: close() is noexcept and
@@ -92,6 +168,8 @@ class Acceptor : private detail::Watcher {
     }
   }
 
+
+ public:
   bool is_open() const noexcept { return fd >= 0; }
 
   // The bound address, with the actual port when port 0 was asked for.
@@ -142,10 +220,30 @@ class Acceptor : private detail::Watcher {
       local_ = Endpoint::from_sockaddr(reinterpret_cast<sockaddr*>(&storage), length);
     }
     what = "epoll_ctl";
-    if (const std::error_code ec = loop_->add(*this, EPOLLIN)) return close_with(ec);
+    if (const std::error_code ec = register_listener()) return close_with(ec);
+    return {};
+  }
+
+  std::error_code register_listener() noexcept {
+    if (const std::error_code ec = watch()) return ec;
     fd_waiter_.watcher = this;
     listener_.watcher = this;
     loop_->add_listener(listener_);
+    return {};
+  }
+
+  // (Re)starts watching the listener. EPOLLEXCLUSIVE can only be given to EPOLL_CTL_ADD (MOD
+  // fails with EINVAL), so a shared listener leaves the epoll set to stop watching, and joins it
+  // again here.
+  std::error_code watch() noexcept {
+    if (shared_ != nullptr) return loop_->add(*this, EPOLLIN | EPOLLEXCLUSIVE);
+    if (registered) return loop_->modify(*this, EPOLLIN);
+    return loop_->add(*this, EPOLLIN);
+  }
+
+  std::error_code unwatch() noexcept {
+    if (shared_ == nullptr) return loop_->modify(*this, 0);
+    loop_->remove(*this);
     return {};
   }
 
@@ -158,25 +256,71 @@ class Acceptor : private detail::Watcher {
                             std::uint32_t /*events*/, void* /*argument*/) noexcept {
     auto& self = static_cast<Acceptor&>(watcher);
     if (op == detail::WatcherOp::kClose) {  // the reactor is shutting down
-      self.close();
+      self.close(true);
       return;
     }
     if (op == detail::WatcherOp::kResume) {
       if (self.fd < 0) return;
-      if (const std::error_code ec = self.loop_->modify(self, EPOLLIN)) {
-        self.last_error_ = ec;  // still not watching: try again after the next backoff
-        self.loop_->wait_for_fds(self.fd_waiter_, detail::clock_now<Sys>() + self.backoff_);
-        self.backoff_ = std::min(self.backoff_ * 2, kMaxBackoff);
+      if (const std::error_code ec = self.watch()) {
+        self.watch_later(ec);
         return;
       }
     }
     self.accept_some();
   }
 
+  // Watching the listener failed: try again after the next backoff.
+  void watch_later(const std::error_code& ec) noexcept {
+    last_error_ = ec;
+    loop_->wait_for_fds(fd_waiter_, detail::clock_now<Sys>() + backoff_);
+    backoff_ = std::min(backoff_ * 2, kMaxBackoff);
+  }
+
+  // A shared listener's wake-ups go to the first idle acceptor in the socket's wait queue, and
+  // epoll queues each one where it joined: leaving and rejoining after every kRequeueEvery
+  // accepts moves this one to the back, behind the reactors that got fewer.
+  void requeue() noexcept {
+    if (accepted_ - requeued_at_ < kRequeueEvery) return;
+    requeued_at_ = accepted_;
+    loop_->remove(*this);
+    if (const std::error_code ec = watch()) watch_later(ec);
+  }
+
   void accept_some() noexcept {
+    if (!accept_up_to(options_.accept_budget)) return;
+    if (shared_ != nullptr && fd >= 0 && !fd_waiter_.is_linked()) requeue();
+  }
+
+  // Accepts until the queue is empty (bounded, should clients keep arriving) for a closing
+  // listener, which is no longer in the epoll set. Returns false if a callback destroyed this.
+  bool accept_all() noexcept {
+    const int limit = std::max(options_.backlog, 64) * 2;
+    // No back-off or failure handling here: they would touch the epoll set, or close.
     bool destroyed = false;
     destroyed_ = &destroyed;  // set by the destructor if a callback destroys this acceptor
-    for (int i = 0; i < options_.accept_budget && fd >= 0; ++i) {
+    for (int i = 0; i < limit; ++i) {
+      const int socket = Sys::accept4(fd, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+      if (socket < 0) {
+        if (errno == EINTR || errno == ECONNABORTED || errno == EPROTO) continue;
+        if (errno != EAGAIN && errno != EWOULDBLOCK) {
+          last_error_ = detail::last_errno_code();
+          ++failed_;
+        }
+        break;
+      }
+      ++accepted_;
+      start(socket);
+      if (destroyed) return false;
+    }
+    destroyed_ = nullptr;
+    return true;
+  }
+
+  // Returns false if a callback destroyed this acceptor.
+  bool accept_up_to(int budget) noexcept {
+    bool destroyed = false;
+    destroyed_ = &destroyed;  // set by the destructor if a callback destroys this acceptor
+    for (int i = 0; i < budget && fd >= 0; ++i) {
       const int socket = Sys::accept4(fd, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
       if (socket < 0) {
         if (!accept_failed(errno)) break;
@@ -185,9 +329,10 @@ class Acceptor : private detail::Watcher {
       ++accepted_;
       backoff_ = kFirstBackoff;
       start(socket);
-      if (destroyed) return;
+      if (destroyed) return false;
     }
     destroyed_ = nullptr;
+    return true;
   }
 
   // Returns true when accepting should go on (the error concerned one connection only).
@@ -233,7 +378,7 @@ class Acceptor : private detail::Watcher {
   }
 
   void back_off() noexcept {
-    if (loop_->modify(*this, 0)) {
+    if (unwatch()) {
       close();
       return;
     }
@@ -245,6 +390,10 @@ class Acceptor : private detail::Watcher {
     if (options_.tcp_nodelay && !local_.is_unix()) {
       const int on = 1;
       Sys::setsockopt(socket, IPPROTO_TCP, TCP_NODELAY, &on, sizeof on);
+    }
+    if (sink_.function != nullptr) {
+      sink_.function(sink_.context, socket);
+      return;
     }
     std::error_code ec;
     try {
@@ -268,6 +417,9 @@ class Acceptor : private detail::Watcher {
   detail::FdWaiter fd_waiter_;
   detail::ListenerNode listener_;
   std::chrono::milliseconds backoff_ = kFirstBackoff;
+  detail::SharedListener* shared_ = nullptr;  // not ours to close unless we are its last user
+  detail::AcceptSink sink_;
+  std::uint64_t requeued_at_ = 0;  // accepted_ when a shared listener last rejoined its queue
   bool* destroyed_ = nullptr;
   std::uint64_t accepted_ = 0;
   std::uint64_t failed_ = 0;

@@ -46,6 +46,8 @@ template <class Handler, class R>
 class Acceptor;
 template <class R>
 class ConnectionHandle;
+template <class R>
+class ReactorPool;
 
 struct ReactorOptions {
   // Size of the buffer every connection of this reactor reads into (one buffer, shared).
@@ -289,8 +291,12 @@ class Reactor {
     return timers_.empty() && fd_waiters_.empty() ? detail::clock_now<Sys>() : now_;
   }
 
-  // Connections currently owned by this reactor (open, or closed and awaiting on_close).
-  std::size_t connection_count() const noexcept { return connection_count_; }
+  // Connections currently owned by this reactor (open, or closed and awaiting on_close). Safe from
+  // any thread (another thread may see a count a few connections old): a pool's least-connections
+  // balance reads it from the accepting thread.
+  std::size_t connection_count() const noexcept {
+    return connection_count_.load(std::memory_order_relaxed);
+  }
 
   // Number of run_once() iterations so far (each is one epoll_wait).
   std::uint64_t loop_iterations() const noexcept { return iterations_; }
@@ -304,9 +310,10 @@ class Reactor {
   static constexpr std::chrono::milliseconds kDefaultQuietPeriod{100};
 
   // Graceful shutdown, called on the thread that drives the loop, outside any callback. It
-  // consumes any pending stop(), closes every acceptor, and keeps serving the open connections —
-  // reading, calling on_data, writing — so that bytes the peers sent before the shutdown are still
-  // handled. Each connection is closed (flush, FIN, linger) once it is quiet: nothing pending to
+  // consumes any pending stop(), closes every acceptor (each first accepts the connections its
+  // listen queue holds: the kernel had completed them), runs the work posted before the call, and
+  // keeps serving the open connections — reading, calling on_data, writing — so that bytes the
+  // peers sent before the shutdown are still handled. Each connection is closed (flush, FIN, linger) once it is quiet: nothing pending to
   // send and nothing received for `quiet`, or its peer half-closed. A handler with an
   // on_shutdown(conn) hook decides instead: the hook is called once, and the connection stays
   // until the handler closes it. Timers and posted work keep running meanwhile. At the deadline,
@@ -316,41 +323,7 @@ class Reactor {
   // another thread runs the loop.
   ShutdownReport shutdown(std::chrono::milliseconds grace,
                           std::chrono::milliseconds quiet = kDefaultQuietPeriod) noexcept {
-    ShutdownReport report;
-    RunScope scope(*this, report.error);
-    if (report.error) return report;
-    stop_requested_.store(false, std::memory_order_release);  // this is the stop
-    for (auto* node = listeners_.front(); node != nullptr; node = listeners_.front()) {
-      node->unlink();  // the acceptor's close() would unlink it too; never loop on one
-      node->watcher->function(*node->watcher, detail::WatcherOp::kClose, 0, nullptr);
-    }
-    now_ = detail::clock_now<Sys>();
-    drain_started_ = now_;
-    drain_quiet_ = std::clamp(quiet, std::chrono::milliseconds(0),
-                              std::chrono::milliseconds(std::chrono::hours(24 * 365)));
-    shutdown_report_ = &report;
-    for_each_open_connection(detail::WatcherOp::kDrain);
-    finalize_closed();
-    const auto deadline = detail::saturating_add(now_, grace);
-    int events = 0;
-    while (connection_count_ > 0 && !stop_requested_.exchange(false, std::memory_order_acq_rel)) {
-      const auto left = detail::ms_until(deadline, detail::clock_now<Sys>());
-      if (left.count() <= 0) break;
-      if (const int error = poll_once(clamp_ms(left), events)) {
-        report.error = detail::errno_code(error);
-        break;
-      }
-    }
-    // A stop() that came during the grace was meant for this shutdown, even when the last
-    // connection closed in the same iteration and nothing was left to abort: it must not make
-    // the next run() return at once.
-    stop_requested_.store(false, std::memory_order_release);
-    aborting_ = true;
-    for_each_open_connection(detail::WatcherOp::kAbort);
-    finalize_closed();
-    aborting_ = false;
-    shutdown_report_ = nullptr;
-    return report;
+    return shutdown_with(grace, quiet, true, [] {});
   }
 
   // Whether a graceful shutdown is in progress (connections check it when they open).
@@ -399,11 +372,64 @@ class Reactor {
   friend class Acceptor;
   template <class R>
   friend class ConnectionHandle;
+  template <class R>
+  friend class ReactorPool;
 
   using ConnectionList = detail::IntrusiveList<detail::OwnedWatcher, detail::AllConnectionsTag>;
   using ReadyList = detail::IntrusiveList<detail::OwnedWatcher, detail::ReadyTag>;
   using FdWaiterList = detail::IntrusiveList<detail::FdWaiter, detail::FdWaitTag>;
   using ListenerList = detail::IntrusiveList<detail::ListenerNode, detail::ListenerTag>;
+
+  // shutdown(), for it and for ReactorPool: `consume_stop` false keeps a stop() made before the
+  // call (a pool's stop() between its reactors' starts must still end every grace period), and
+  // `listeners_closed` runs once the acceptors are closed and before serving out begins (a pool
+  // waits there until every reactor has closed its acceptors, so that connections handed over
+  // while closing are queued before any reactor decides it has nothing left to serve).
+  template <class F>
+  ShutdownReport shutdown_with(std::chrono::milliseconds grace, std::chrono::milliseconds quiet,
+                               bool consume_stop, F&& listeners_closed) noexcept {
+    ShutdownReport report;
+    RunScope scope(*this, report.error);
+    if (report.error) return report;
+    if (consume_stop) stop_requested_.store(false, std::memory_order_release);  // this is the stop
+    // Each acceptor accepts what its queue holds before closing: those clients are served out.
+    for (auto* node = listeners_.front(); node != nullptr; node = listeners_.front()) {
+      node->unlink();  // the acceptor's close() would unlink it too; never loop on one
+      node->watcher->function(*node->watcher, detail::WatcherOp::kClose, 0, nullptr);
+    }
+    listeners_closed();
+    now_ = detail::clock_now<Sys>();
+    drain_started_ = now_;
+    drain_quiet_ = std::clamp(quiet, std::chrono::milliseconds(0),
+                              std::chrono::milliseconds(std::chrono::hours(24 * 365)));
+    shutdown_report_ = &report;
+    for_each_open_connection(detail::WatcherOp::kDrain);
+    // Work posted before the shutdown (a connection handed over by another reactor's acceptor,
+    // say) runs now: what it opens is served out like the rest, not dropped for want of a turn.
+    run_posted();
+    finalize_closed();
+    const auto deadline = detail::saturating_add(now_, grace);
+    int events = 0;
+    while (connection_count() > 0 &&
+           !stop_requested_.exchange(false, std::memory_order_acq_rel)) {
+      const auto left = detail::ms_until(deadline, detail::clock_now<Sys>());
+      if (left.count() <= 0) break;
+      if (const int error = poll_once(clamp_ms(left), events)) {
+        report.error = detail::errno_code(error);
+        break;
+      }
+    }
+    // A stop() that came during the grace was meant for this shutdown, even when the last
+    // connection closed in the same iteration and nothing was left to abort: it must not make
+    // the next run() return at once.
+    stop_requested_.store(false, std::memory_order_release);
+    aborting_ = true;
+    for_each_open_connection(detail::WatcherOp::kAbort);
+    finalize_closed();
+    aborting_ = false;
+    shutdown_report_ = nullptr;
+    return report;
+  }
 
   // Kinds of deferred work, one bit each in deferred_, so that an iteration with none of it costs
   // one test after the dispatch.
@@ -735,7 +761,9 @@ class Reactor {
   // Connection bookkeeping, used by Connection.
   void link_connection(detail::OwnedWatcher& node) noexcept {
     connections_.push_back(node);
-    ++connection_count_;
+    // One writer (this thread), any number of readers: a load and a store, no read-modify-write.
+    connection_count_.store(connection_count_.load(std::memory_order_relaxed) + 1,
+                            std::memory_order_relaxed);
   }
 
   void schedule_ready(detail::OwnedWatcher& node) noexcept {
@@ -765,7 +793,8 @@ class Reactor {
       closed_head_ = node->next_closed;
       if (closed_head_ == nullptr) closed_tail_ = nullptr;
       static_cast<detail::ListHook<detail::AllConnectionsTag>&>(*node).unlink();
-      --connection_count_;
+      connection_count_.store(connection_count_.load(std::memory_order_relaxed) - 1,
+                              std::memory_order_relaxed);
       node->function(*node, detail::WatcherOp::kFinalize, 0, nullptr);
     }
   }
@@ -832,7 +861,7 @@ class Reactor {
   std::unique_ptr<char[]> read_buffer_;
   ChunkPool chunk_pool_;
   ConnectionList connections_;
-  std::size_t connection_count_ = 0;
+  std::atomic<std::size_t> connection_count_{0};  // written here only; read from any thread
   ReadyList ready_;
   detail::OwnedWatcher* closed_head_ = nullptr;
   detail::OwnedWatcher* closed_tail_ = nullptr;
