@@ -443,7 +443,7 @@ class Reactor {
 
   // One iteration: wait (timeout_ms < 0: forever), dispatch, run deferred work. Returns 0 or the
   // errno of a failed epoll_wait; `events` gets the number of events received.
-  int poll_once(int timeout_ms, int& events) noexcept {
+  [[gnu::always_inline]] inline int poll_once(int timeout_ms, int& events) noexcept {
     ++iterations_;
     const int error = wait(wait_timeout(timeout_ms), events);
     // The clock is read only while something is timed (a timer, a connection timeout, an accept
@@ -585,9 +585,13 @@ class Reactor {
   // The epoll_wait timeout: 0 while work is queued or a stop is pending (run() then returns;
   // shutdown() checks for it before waiting), else the caller's, cut short by an acceptor's
   // backoff and, while the timerfd cannot be armed, by the earliest timer.
-  int wait_timeout(int timeout_ms) noexcept {
+  [[gnu::always_inline]] inline int wait_timeout(int timeout_ms) noexcept {
     if ((deferred_ & (kReadyWork | kClosedWork)) != 0 || stop_requested()) return 0;
     if (fd_waiters_.empty() && !timerfd_unarmed_) return timeout_ms;
+    return shortened_timeout(timeout_ms);
+  }
+
+  int shortened_timeout(int timeout_ms) noexcept {
     auto due = Clock::time_point::max();
     fd_waiters_.for_each([&](const detail::FdWaiter& w) { due = std::min(due, w.due); });
     if (timerfd_unarmed_ && !timers_.empty()) due = std::min(due, timers_.next_due());
