@@ -54,6 +54,15 @@ struct AcceptSink {
   void* context = nullptr;
 };
 
+// What a shared listener's acceptor calls when it stops accepting with connections possibly still
+// queued (its per-wakeup budget ran out): the kernel will not wake another reactor for them, so
+// the pool asks the next one to take a turn. `from` is this acceptor's reactor index.
+struct AcceptKick {
+  void (*function)(void* context, std::size_t from) noexcept = nullptr;
+  void* context = nullptr;
+  std::size_t from = 0;
+};
+
 }  // namespace detail
 
 struct ListenOptions {
@@ -286,9 +295,27 @@ class Acceptor : private detail::Watcher {
     if (const std::error_code ec = watch()) watch_later(ec);
   }
 
+  // A shared listener takes at most kRequeueEvery connections per turn, then moves to the back of
+  // the wake-up queue and, if it stopped for the budget, not for an empty queue, hands the next
+  // turn to the next reactor: a burst that arrived at once (one wake-up) is spread too.
   void accept_some() noexcept {
-    if (!accept_up_to(options_.accept_budget)) return;
-    if (shared_ != nullptr && fd >= 0 && !fd_waiter_.is_linked()) requeue();
+    if (shared_ == nullptr) {
+      accept_up_to(options_.accept_budget);
+      return;
+    }
+    const int budget = std::min<int>(options_.accept_budget, static_cast<int>(kRequeueEvery));
+    const std::uint64_t before = accepted_;
+    if (!accept_up_to(budget)) return;
+    if (fd < 0 || fd_waiter_.is_linked()) return;
+    requeue();
+    if (accepted_ - before >= static_cast<std::uint64_t>(budget) && kick_.function != nullptr) {
+      kick_.function(kick_.context, kick_.from);
+    }
+  }
+
+  // The pool's turn for this acceptor (AcceptKick): accept if still listening and not backing off.
+  void take_turn() noexcept {
+    if (fd >= 0 && !fd_waiter_.is_linked()) accept_some();
   }
 
   // Accepts until the queue is empty (bounded, should clients keep arriving) for a closing
@@ -419,6 +446,7 @@ class Acceptor : private detail::Watcher {
   std::chrono::milliseconds backoff_ = kFirstBackoff;
   detail::SharedListener* shared_ = nullptr;  // not ours to close unless we are its last user
   detail::AcceptSink sink_;
+  detail::AcceptKick kick_;
   std::uint64_t requeued_at_ = 0;  // accepted_ when a shared listener last rejoined its queue
   bool* destroyed_ = nullptr;
   std::uint64_t accepted_ = 0;

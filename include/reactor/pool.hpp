@@ -18,7 +18,9 @@
 //                      the kernel wakes one idle reactor per incoming connection (or more, which
 //                      then race for it: the losers get EAGAIN). Wake-ups favour the reactors that
 //                      registered first; every acceptor leaves and rejoins the wait queue after
-//                      each 16 accepts, which moves it behind the others (as nginx does).
+//                      each 16 accepts, which moves it behind the others (as nginx does), and
+//                      one that took 16 in a turn passes the next turn to the next reactor (a
+//                      burst that arrived at once woke only one).
 //
 // Threading: construct a pool, its acceptors, signal sets and anything else registered with its
 // reactors, then call run() on one thread; stop() may come from anywhere, a signal handler
@@ -361,15 +363,25 @@ class PoolAcceptor {
       return;
     }
     shared_ = std::make_unique<detail::SharedListener>();
+    turns_ = std::make_shared<Turns>();
+    turns_->pool = &pool;
+    turns_->acceptors.assign(n, nullptr);
     add(pool[0], shared_.get(), endpoint, prototype, options, {});
     local_ = acceptors_[0]->local_endpoint();
     for (std::size_t i = 1; i < n; ++i) add(pool[i], shared_.get(), local_, prototype, options, {});
+    for (std::size_t i = 0; i < n; ++i) {
+      turns_->acceptors[i] = acceptors_[i].get();
+      acceptors_[i]->kick_ = {&Turns::next_turn, turns_.get(), i};
+    }
   }
 
   PoolAcceptor(const PoolAcceptor&) = delete;
   PoolAcceptor& operator=(const PoolAcceptor&) = delete;
 
-  ~PoolAcceptor() { close(); }
+  ~PoolAcceptor() {
+    close();
+    if (turns_ != nullptr) turns_->acceptors.assign(turns_->acceptors.size(), nullptr);
+  }
 
   // Stops listening everywhere (while the pool is not running); connections are unaffected.
   void close() noexcept {
@@ -510,6 +522,26 @@ class PoolAcceptor {
     std::unique_ptr<Slot[]> slots;
   };
 
+  // kExclusive: an acceptor that stopped at its budget with connections perhaps still queued asks
+  // the next reactor to take a turn (the kernel woke only one reactor for them). Tasks hold this by
+  // shared_ptr; the acceptors' slots are cleared when the PoolAcceptor goes, and a closed acceptor
+  // ignores its turn.
+  struct Turns : std::enable_shared_from_this<Turns> {
+    static void next_turn(void* context, std::size_t from) noexcept {
+      auto& self = *static_cast<Turns*>(context);
+      const std::size_t next = (from + 1) % self.acceptors.size();
+      try {
+        (*self.pool)[next].post([turns = self.shared_from_this(), next] {
+          if (Single* acceptor = turns->acceptors[next]) acceptor->take_turn();
+        });
+      } catch (...) {  // no memory for the task: the queue waits for the next wake-up instead
+      }
+    }
+
+    ReactorPool<R>* pool = nullptr;
+    std::vector<Single*> acceptors;  // written only while the pool is not running
+  };
+
   void add(R& loop, detail::SharedListener* shared, const Endpoint& endpoint, Handler prototype,
            const ListenOptions& options, detail::AcceptSink sink) {
     std::error_code ec;
@@ -524,6 +556,7 @@ class PoolAcceptor {
   Endpoint local_;
   std::unique_ptr<detail::SharedListener> shared_;  // kExclusive: the one listening socket
   std::shared_ptr<Dispatch> dispatch_;              // kRoundRobin, kLeastConnections
+  std::shared_ptr<Turns> turns_;                    // kExclusive
   std::vector<std::unique_ptr<Single>> acceptors_;  // destroyed first: they use the above
 };
 
