@@ -227,6 +227,9 @@ class ReactorPool {
         total.error = std::make_error_code(std::errc::not_enough_memory);
       }
     }
+    // A reactor that had nothing left to serve was done before a stop() that ended the others'
+    // grace: that stop was meant for this shutdown, not for the next run().
+    clear_stops();
     for (const ShutdownReport& report : reports) {
       total.flushed += report.flushed;
       total.failed += report.failed;
