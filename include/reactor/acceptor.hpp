@@ -322,17 +322,19 @@ class Acceptor : private detail::Watcher {
   // listener, which is no longer in the epoll set. Returns false if a callback destroyed this.
   bool accept_all() noexcept {
     const int limit = std::max(options_.backlog, 64) * 2;
-    // No back-off or failure handling here: they would touch the epoll set, or close.
+    // No back-off here: the listener is closing. Out of fds or memory, what is still queued is
+    // reset when it closes (counted in failed_count()).
     bool destroyed = false;
     destroyed_ = &destroyed;  // set by the destructor if a callback destroys this acceptor
     for (int i = 0; i < limit; ++i) {
       const int socket = Sys::accept4(fd, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
       if (socket < 0) {
-        if (errno == EINTR || errno == ECONNABORTED || errno == EPROTO) continue;
-        if (errno != EAGAIN && errno != EWOULDBLOCK) {
-          last_error_ = detail::last_errno_code();
-          ++failed_;
-        }
+        const int error = errno;
+        const Failure failure = classify(error);
+        if (failure == Failure::kEmpty) break;
+        if (failure != Failure::kRetry) last_error_ = detail::errno_code(error);
+        if (failure == Failure::kRetry || failure == Failure::kSkip) continue;
+        ++failed_;
         break;
       }
       ++accepted_;
@@ -364,14 +366,47 @@ class Acceptor : private detail::Watcher {
 
   // Returns true when accepting should go on (the error concerned one connection only).
   bool accept_failed(int error) noexcept {
+    switch (classify(error)) {
+      case Failure::kRetry:
+        return true;
+      case Failure::kEmpty:
+        return false;
+      case Failure::kSkip:
+        last_error_ = detail::errno_code(error);
+        return true;
+      // Stop watching the listener (level-triggered, it would report the same pending connection
+      // forever) until fds are freed or the backoff ends.
+      case Failure::kOutOfResources:
+        last_error_ = detail::errno_code(error);
+        ++failed_;
+        back_off();
+        return false;
+      case Failure::kBroken:
+        last_error_ = detail::errno_code(error);
+        ++failed_;
+        close();
+        return false;
+    }
+    return false;
+  }
+
+  enum class Failure : std::uint8_t {
+    kRetry,           // EINTR
+    kEmpty,           // EAGAIN: nothing queued
+    kSkip,            // this connection failed; the next may be fine
+    kOutOfResources,  // no fd or memory for any connection for now
+    kBroken,          // the listener itself is unusable
+  };
+
+  static Failure classify(int error) noexcept {
     switch (error) {
       case EINTR:
-        return true;
+        return Failure::kRetry;
       case EAGAIN:
 #if EAGAIN != EWOULDBLOCK
       case EWOULDBLOCK:
 #endif
-        return false;
+        return Failure::kEmpty;
       // The connection went away before it was accepted, or Linux passed on a network error
       // pending on it (accept(2), "Error handling"): skip it.
       case ECONNABORTED:
@@ -384,23 +419,14 @@ class Acceptor : private detail::Watcher {
       case EOPNOTSUPP:
       case ENETUNREACH:
       case EPERM:  // firewall rules forbade this connection
-        last_error_ = detail::errno_code(error);
-        return true;
-      // Out of fds or memory: stop watching the listener (level-triggered, it would report the
-      // same pending connection forever) until fds are freed or the backoff ends.
+        return Failure::kSkip;
       case EMFILE:
       case ENFILE:
       case ENOBUFS:
       case ENOMEM:
-        last_error_ = detail::errno_code(error);
-        ++failed_;
-        back_off();
-        return false;
-      default:  // EBADF, EINVAL, ENOTSOCK...: the listener itself is broken
-        last_error_ = detail::errno_code(error);
-        ++failed_;
-        close();
-        return false;
+        return Failure::kOutOfResources;
+      default:  // EBADF, EINVAL, ENOTSOCK...
+        return Failure::kBroken;
     }
   }
 

@@ -64,6 +64,8 @@ struct PoolOptions {
 
 template <class R = Reactor<>>
 class ReactorPool {
+  using Sys = typename R::syscalls;
+
  public:
   using reactor_type = R;
 
@@ -216,10 +218,10 @@ class ReactorPool {
       }
       for (auto& thread : threads) thread.join();
     } catch (...) {  // out of memory or threads: one reactor after the other, here
-      const auto deadline = detail::saturating_add(std::chrono::steady_clock::now(), grace);
+      const auto deadline = detail::saturating_add(detail::clock_now<Sys>(), grace);
       reports.assign(reports.size(), ShutdownReport{});
       for (std::size_t i = 0; i < reports.size(); ++i) {
-        const auto left = detail::ms_until(deadline, std::chrono::steady_clock::now());
+        const auto left = detail::ms_until(deadline, detail::clock_now<Sys>());
         reports[i] = reactors_[i]->shutdown_with(left, quiet, false, [] {});
       }
       if (reports.empty()) {  // not even the reports: no counts, but every reactor is shut down

@@ -1,7 +1,7 @@
 // Test-only helpers (not part of reactor) for integration tests that run an example program as a
 // child process and talk to it over sockets: ServerProcess (start, signal, read stdout, wait for
-// exit, read /proc), bounded poll() waits, eventually(), TempDir, and the client side (connect_to,
-// exchange(), send_without_reading(), /proc/net/tcp queues).
+// exit, read /proc; stderr too, on request), bounded poll() waits, eventually(), TempDir, and the
+// client side (connect_to, exchange(), send_without_reading(), /proc/net/tcp queues).
 //
 // Waits are bounded by generous limits (kLimit) that only stop a broken test from hanging; none
 // decides a result by timing.
@@ -79,13 +79,18 @@ bool eventually(Condition condition, Clock::duration limit = kLimit) {
 
 // --- The server process --------------------------------------------------------------------------
 
+// Where a ServerProcess's stderr goes: the test's own (the default), or a pipe the test reads
+// (ServerProcess::read_stderr_to_eof).
+enum class StderrMode { kInherit, kCapture };
+
 // A program running as a child, its stdout on a pipe. The destructor kills (SIGKILL) and reaps
 // it unless it was already reaped, so no test leaves a process behind, whatever it REQUIREs.
 class ServerProcess {
  public:
   // Starts `program` with `args`; a nonzero fd_limit sets RLIMIT_NOFILE (soft and hard) in the
-  // child before exec.
-  ServerProcess(std::string program, const std::vector<std::string>& args, rlim_t fd_limit = 0) {
+  // child before exec. StderrMode::kCapture puts its stderr on a second pipe.
+  ServerProcess(std::string program, const std::vector<std::string>& args, rlim_t fd_limit = 0,
+                StderrMode stderr_mode = StderrMode::kInherit) {
     std::vector<std::string> words{std::move(program)};
     words.insert(words.end(), args.begin(), args.end());
     std::vector<char*> argv;
@@ -97,6 +102,13 @@ class ServerProcess {
     if (::pipe2(pipe_fds, O_CLOEXEC) != 0) FAIL("pipe2: " << std::strerror(errno));
     reactor::UniqueFd read_end(pipe_fds[0]);
     reactor::UniqueFd write_end(pipe_fds[1]);
+    reactor::UniqueFd stderr_read_end;
+    reactor::UniqueFd stderr_write_end;
+    if (stderr_mode == StderrMode::kCapture) {
+      if (::pipe2(pipe_fds, O_CLOEXEC) != 0) FAIL("pipe2: " << std::strerror(errno));
+      stderr_read_end.reset(pipe_fds[0]);
+      stderr_write_end.reset(pipe_fds[1]);
+    }
 
     const pid_t parent = ::getpid();
     pid_ = ::fork();
@@ -113,6 +125,13 @@ class ServerProcess {
         ::fcntl(STDOUT_FILENO, F_SETFD, 0);  // dup2 onto itself would keep close-on-exec
       } else if (::dup2(write_end.get(), STDOUT_FILENO) < 0) {
         ::_exit(126);
+      }
+      if (stderr_write_end) {
+        if (stderr_write_end.get() == STDERR_FILENO) {
+          ::fcntl(STDERR_FILENO, F_SETFD, 0);
+        } else if (::dup2(stderr_write_end.get(), STDERR_FILENO) < 0) {
+          ::_exit(126);
+        }
       }
       // Only stdin, stdout and stderr go to the server: any fd of the test process that is not
       // close-on-exec would count against its fd limit. close_range needs Linux 5.9.
@@ -131,6 +150,10 @@ class ServerProcess {
     }
     stdout_ = std::move(read_end);
     ::fcntl(stdout_.get(), F_SETFL, ::fcntl(stdout_.get(), F_GETFL) | O_NONBLOCK);
+    if (stderr_read_end) {
+      stderr_ = std::move(stderr_read_end);
+      ::fcntl(stderr_.get(), F_SETFL, ::fcntl(stderr_.get(), F_GETFL) | O_NONBLOCK);
+    }
   }
 
   ServerProcess(const ServerProcess&) = delete;
@@ -161,7 +184,7 @@ class ServerProcess {
         output_.erase(0, newline + 1);
         return line;
       }
-      if (!read_some(deadline)) return std::nullopt;
+      if (!read_some(stdout_.get(), output_, stdout_eof_, deadline)) return std::nullopt;
     }
   }
 
@@ -169,10 +192,21 @@ class ServerProcess {
   // timeout.
   std::optional<std::string> read_to_eof(Clock::duration limit = kLimit) {
     const auto deadline = Clock::now() + limit;
-    while (read_some(deadline)) {
+    while (read_some(stdout_.get(), output_, stdout_eof_, deadline)) {
     }
     if (!stdout_eof_) return std::nullopt;
     return std::exchange(output_, {});
+  }
+
+  // Everything the server writes to stderr from now until it closes it (exits), when started
+  // with StderrMode::kCapture; nullopt on timeout, or when stderr was not captured.
+  std::optional<std::string> read_stderr_to_eof(Clock::duration limit = kLimit) {
+    if (!stderr_) return std::nullopt;
+    const auto deadline = Clock::now() + limit;
+    while (read_some(stderr_.get(), stderr_output_, stderr_eof_, deadline)) {
+    }
+    if (!stderr_eof_) return std::nullopt;
+    return std::exchange(stderr_output_, {});
   }
 
   // Waits for the server to exit; its wait status, or nullopt if it still runs after `limit`.
@@ -240,23 +274,24 @@ class ServerProcess {
   }
 
  private:
-  // Reads what stdout has, waiting until `deadline` for something; false on EOF or timeout.
-  bool read_some(Clock::time_point deadline) {
-    if (stdout_eof_) return false;
+  // Appends what the pipe `fd` has to `output`, waiting until `deadline` for something; false on
+  // EOF (setting `eof`) or timeout.
+  static bool read_some(int fd, std::string& output, bool& eof, Clock::time_point deadline) {
+    if (eof) return false;
     for (;;) {
       char buffer[4096];
-      const ssize_t n = ::read(stdout_.get(), buffer, sizeof buffer);
+      const ssize_t n = ::read(fd, buffer, sizeof buffer);
       if (n > 0) {
-        output_.append(buffer, static_cast<std::size_t>(n));
+        output.append(buffer, static_cast<std::size_t>(n));
         return true;
       }
       if (n == 0) {
-        stdout_eof_ = true;
+        eof = true;
         return false;
       }
       if (errno == EINTR) continue;
       if (errno != EAGAIN) return false;
-      if (poll_one(stdout_.get(), POLLIN, deadline) == 0) return false;
+      if (poll_one(fd, POLLIN, deadline) == 0) return false;
     }
   }
 
@@ -265,6 +300,9 @@ class ServerProcess {
   reactor::UniqueFd stdout_;
   std::string output_;  // read from stdout, not yet returned
   bool stdout_eof_ = false;
+  reactor::UniqueFd stderr_;  // StderrMode::kCapture only
+  std::string stderr_output_;
+  bool stderr_eof_ = false;
 };
 
 // Reads the server's "listening on ..." line and returns the endpoint it names.

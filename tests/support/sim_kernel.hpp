@@ -25,13 +25,32 @@
 //     loopback, minus the ACK clock), and EPOLLOUT is reported while the send queue is at most 2/3
 //     full (tcp_poll's sk_stream_min_wspace rule); no Nagle, no delayed ACK, no window scaling;
 //   - a SYN that finds the accept queue full waits, and is queued as soon as accept() makes room
-//     (Linux retransmits it after 1 s, 3 s, ...);
+//     (Linux retransmits it after 1 s, 3 s, ...); a listener that closes refuses the SYNs waiting
+//     for it, unless it was one of a SO_REUSEPORT group, whose other members then get them
+//     (Linux: the retransmitted SYN is hashed over what is left of the group);
+//   - SO_REUSEPORT: listeners bound to one port with it form a group in listen() order, and each
+//     SYN goes to the member that reciprocal_scale(hash, members) picks, as reuseport_select_sock
+//     does, but the hash is a fixed mix of the two ports (Linux: a jhash of addresses and ports
+//     keyed at boot, so which member gets a connection differs from run to run). A member that
+//     closes leaves the group as Linux's does (the last member takes its slot) and resets the
+//     connections in its accept queue: they are not moved to another member
+//     (net.ipv4.tcp_migrate_req=0, the default). There are no half-open connections here to be
+//     reset with them;
 //   - no AF_UNIX, no UDP, no dup()/fork(): closing an fd closes its file, and epoll forgets it;
 //   - data reaching an end whose owner closed it is answered by an RST at once (on loopback the
 //     RST comes back within the same send); the sender then reports EPIPE if the closed end's FIN
 //     had arrived, else ECONNRESET (tcp_reset);
 //   - sigprocmask changes nothing; signals reach signalfds only through Kernel::raise_signal();
-//   - EPOLLEXCLUSIVE, EPOLLWAKEUP and nested epoll sets are accepted and ignored;
+//   - EPOLLEXCLUSIVE as Linux's do_epoll_ctl checks it: EPOLL_CTL_ADD only (a MOD that asks for
+//     it, or a MOD of an item added with it, fails with EINVAL), beside EPOLLIN, EPOLLOUT,
+//     EPOLLERR, EPOLLHUP, EPOLLET and EPOLLWAKEUP only, never for an epoll fd (EINVAL). Its
+//     wakeup reaches the epoll sets watching the file in the order they added it (a DEL and ADD
+//     moves a set to the back) up to and including the first set that a thread waits on
+//     (ep_poll_callback, __wake_up_common): a waiter here is the epoll_wait that blocks now, or,
+//     during block_all(), every set whose last epoll_wait found nothing. With no waiter every
+//     set gets the readiness, as on Linux when no thread waits. Level-triggered items stay on the
+//     ready lists they reached;
+//   - EPOLLWAKEUP and nested epoll sets are accepted and ignored;
 //   - SIOCOUTQ counts the send queue and an undelivered FIN: nothing is unacknowledged here, while
 //     Linux counts sent bytes until their ACK and our FIN until the peer's (delayed) ACK of it;
 //   - signals, eventfd writes and timerfd expiries are not progress to the spin detector: a post
@@ -182,7 +201,7 @@ class Kernel {
   // Returns the peer, or nothing with errno ECONNREFUSED when nothing listens there. A full accept
   // queue leaves the peer waiting for room (peer_established() says when it is in).
   std::optional<PeerId> connect(std::uint16_t port, int family = AF_INET) {
-    File* listener = find_listener(port, family);
+    File* listener = find_listener(port, family, next_port_);  // the port this peer gets
     if (listener == nullptr) {
       errno = ECONNREFUSED;
       trace("peer_connect", port, -1, ECONNREFUSED);
@@ -190,15 +209,9 @@ class Kernel {
     }
     const PeerId id = new_stream(family);
     Stream& s = *streams_[id];
-    s.listener_fd = listener->fd;
     s.end[kRemote].port = next_port_++;
     s.end[kLocal].port = port;
-    if (listener->accept_queue.size() > static_cast<std::size_t>(listener->backlog)) {
-      s.syn_waiting = true;
-      listener->syn_queue.push_back(id);
-    } else {
-      enqueue_accept(*listener, id);
-    }
+    route_syn(*listener, id);
     progress();
     trace("peer_connect", port, static_cast<long>(id), 0);
     return id;
@@ -323,6 +336,34 @@ class Kernel {
   }
   // Tells the spin detector that the test itself did something (a step of a driver).
   void external_step() noexcept { progress(); }
+  // How often something the spin detector counts as progress has happened (a byte moved, an fd
+  // opened or closed, the clock moved, a world action or external step ran). A driver of several
+  // loops compares it across a round of their run_once(0) calls to tell whether the round did
+  // anything.
+  std::uint64_t progress_marks() const noexcept { return progress_marks_; }
+
+  // For several loops driven in turn on this thread, standing for a reactor pool's threads: none
+  // of them had anything to do in their last run_once(0), so each would now block in epoll_wait.
+  // Moves the clock to the next timerfd expiry or world action, no later than `limit`, and runs
+  // what is due then, with every epoll set whose last epoll_wait returned nothing taken as having
+  // a waiter (an EPOLLEXCLUSIVE wakeup stops at the first of them). Reports a hang, like
+  // epoll_wait(-1), when nothing is due ever and `limit` is max().
+  void block_all(TimePoint limit = TimePoint::max()) {
+    const TimePoint next = std::min({limit, next_timerfd_due(), next_action_due()});
+    if (next == TimePoint::max()) {
+      failure(
+          "every loop would block forever: nothing is ready, no timerfd is armed and no world "
+          "action is pending (a lost timer, or a driver that forgot its end)");
+    }
+    for (auto& f : table_) {
+      if (f && f->kind == FileKind::kEpoll) f->waiting = f->idle;
+    }
+    trace("block_all", 0, 0, 0);
+    advance_to(next);
+    for (auto& f : table_) {
+      if (f && f->kind == FileKind::kEpoll) f->waiting = false;
+    }
+  }
 
   // --- the syscalls (SimSyscalls forwards here) ---------------------------------------------
 
@@ -373,9 +414,12 @@ class Kernel {
             "epoll_wait(-1) blocks forever: nothing is ready, no timerfd is armed and no "
             "world action is pending (a lost timer, or a test that forgot to stop the loop)");
       }
+      table_[epfd]->waiting = true;  // this thread waits in it now (EPOLLEXCLUSIVE wakeups)
       advance_to(next);
       if (!is(epfd, FileKind::kEpoll)) return fail_errno(EBADF);  // a world action closed it
+      table_[epfd]->waiting = false;
     }
+    table_[epfd]->idle = n == 0;
     std::uint32_t mix = 0;
     for (int i = 0; i < n; ++i) mix = mix * 31 + events[i].events;
     note(mix);
@@ -536,6 +580,8 @@ class Kernel {
       f.bound = true;
       f.port = next_port_++;
     }
+    // inet_csk_listen_start -> inet_reuseport_add_sock: the first listen() joins the port's group.
+    if (!f.listening && f.reuse_port) reuse_groups_[{f.domain, f.port}].push_back(fd);
     f.listening = true;
     f.backlog = std::clamp(backlog, 0, 4096);
     return 0;
@@ -591,7 +637,7 @@ class Kernel {
         address->sa_family == AF_INET
             ? ntohs(reinterpret_cast<const sockaddr_in*>(address)->sin_port)
             : ntohs(reinterpret_cast<const sockaddr_in6*>(address)->sin6_port);
-    File* listener = find_listener(port, address->sa_family);
+    File* listener = find_listener(port, address->sa_family, next_port_);  // the port it gets
     const bool full = listener != nullptr &&
                       listener->accept_queue.size() > static_cast<std::size_t>(listener->backlog);
     if (listener == nullptr || (full && !f.nonblock)) {
@@ -849,6 +895,8 @@ class Kernel {
     // epoll
     std::map<int, EpollItem> items;
     std::deque<int> ready;
+    bool waiting = false;  // a thread waits in epoll_wait on it (or is taken to, by block_all())
+    bool idle = false;     // its last epoll_wait returned nothing
     // eventfd
     std::uint64_t counter = 0;
     // timerfd
@@ -949,7 +997,10 @@ class Kernel {
     if (recent_.size() > 64) recent_.pop_front();
   }
 
-  void progress() noexcept { idle_waits_ = 0; }
+  void progress() noexcept {
+    idle_waits_ = 0;
+    ++progress_marks_;
+  }
 
   void check_spin() {
     if (now_ != spin_instant_) {
@@ -1027,7 +1078,17 @@ class Kernel {
     return streams_.size() - 1;
   }
 
-  File* find_listener(std::uint16_t port, int family) {
+  // The listener that a SYN from `remote_port` to `port` reaches: the one bound there, or the
+  // member of its SO_REUSEPORT group that the flow's hash picks (reuseport_select_sock:
+  // reciprocal_scale(hash, members), no BPF program).
+  File* find_listener(std::uint16_t port, int family, std::uint16_t remote_port) {
+    const auto group = reuse_groups_.find({family, port});
+    if (group != reuse_groups_.end() && !group->second.empty()) {
+      const std::vector<int>& members = group->second;
+      const std::uint64_t pick =
+          (std::uint64_t{flow_hash(remote_port, port)} * members.size()) >> 32;
+      return table_[static_cast<std::size_t>(members[static_cast<std::size_t>(pick)])].get();
+    }
     for (auto& f : table_) {
       if (f && f->kind == FileKind::kSocket && f->listening && f->port == port &&
           f->domain == family) {
@@ -1035,6 +1096,30 @@ class Kernel {
       }
     }
     return nullptr;
+  }
+
+  // A fixed stand-in for inet_ehashfn: murmur3's finalizer over both ports, which spreads
+  // consecutive remote ports evenly.
+  static std::uint32_t flow_hash(std::uint16_t remote_port, std::uint16_t local_port) {
+    std::uint32_t h = (std::uint32_t{remote_port} << 16) | local_port;
+    h ^= h >> 16;
+    h *= 0x85ebca6bU;
+    h ^= h >> 13;
+    h *= 0xc2b2ae35U;
+    h ^= h >> 16;
+    return h;
+  }
+
+  // The SYN of `id` reaches `listener`: queued for accept(), or waiting for room.
+  void route_syn(File& listener, PeerId id) {
+    Stream& s = *streams_[id];
+    s.listener_fd = listener.fd;
+    if (listener.accept_queue.size() > static_cast<std::size_t>(listener.backlog)) {
+      s.syn_waiting = true;
+      listener.syn_queue.push_back(id);
+    } else {
+      enqueue_accept(listener, id);
+    }
   }
 
   void enqueue_accept(File& listener, PeerId id) {
@@ -1108,12 +1193,30 @@ class Kernel {
     }
   }
 
-  // A listener closes (or shuts down its reading side): queued connections are reset, and SYNs
-  // still waiting meet a closed port, which refuses them.
+  // A listener closes (or shuts down its reading side): it leaves its SO_REUSEPORT group (the
+  // last member takes its slot: reuseport_detach_sock), queued connections are reset (none moves
+  // to another member: tcp_migrate_req=0), and SYNs still waiting go to what is left of the
+  // group, or meet a closed port, which refuses them.
   void stop_listening(File& listener) {
+    listener.listening = false;
+    if (const auto group = reuse_groups_.find({listener.domain, listener.port});
+        group != reuse_groups_.end()) {
+      std::vector<int>& members = group->second;
+      const auto self = std::find(members.begin(), members.end(), listener.fd);
+      if (self != members.end()) {
+        *self = members.back();
+        members.pop_back();
+      }
+      if (members.empty()) reuse_groups_.erase(group);
+    }
     for (const PeerId id : listener.accept_queue) reset_both(*streams_[id]);
     for (const PeerId id : listener.syn_queue) {
       Stream& s = *streams_[id];
+      if (File* other = find_listener(listener.port, listener.domain, s.end[kRemote].port)) {
+        s.syn_waiting = false;
+        route_syn(*other, id);
+        continue;
+      }
       s.syn_waiting = false;
       End& connecting = s.end[kRemote];
       connecting.reset = true;
@@ -1125,7 +1228,6 @@ class Kernel {
     }
     listener.accept_queue.clear();
     listener.syn_queue.clear();
-    listener.listening = false;
   }
 
   // Both FINs went through: the end is in TCP_CLOSE (LAST_ACK or TIME_WAIT done).
@@ -1368,8 +1470,13 @@ class Kernel {
   }
 
   // A wakeup on `f` with key `mask` (0: every item, as a state change wakes all), as
-  // ep_poll_callback: items whose interest shares a bit with the key go on their ready list.
+  // ep_poll_callback: items whose interest shares a bit with the key go on their ready list, and
+  // the set's waiter, if any, is woken (and leaves the set's wait queue). __wake_up_common wakes
+  // every plain entry of the file's wait queue but stops after the first EPOLLEXCLUSIVE one whose
+  // callback woke a waiter; exclusive entries are queued at the tail in ADD order, which is
+  // watched_by's order.
   void wake(File& f, std::uint32_t mask) {
+    bool exclusive_done = false;
     for (const int epfd : f.watched_by) {
       if (!is(epfd, FileKind::kEpoll)) continue;
       File& ep = *table_[epfd];
@@ -1378,14 +1485,43 @@ class Kernel {
       EpollItem& item = it->second;
       if (item.disabled) continue;
       if (mask != 0 && (mask & item.events) == 0) continue;
+      const bool exclusive = (item.events & EPOLLEXCLUSIVE) != 0;
+      if (exclusive && exclusive_done) continue;
       if (!item.ready) {
         item.ready = true;
         ep.ready.push_back(f.fd);
+      }
+      if (!ep.waiting) continue;
+      ep.waiting = false;
+      // ep_poll_callback's `ewake` for an exclusive item: the key must be the item's direction.
+      switch (mask & (EPOLLIN | EPOLLOUT)) {
+        case 0:
+          exclusive_done = exclusive_done || exclusive;
+          break;
+        case EPOLLIN:
+        case EPOLLOUT:
+          exclusive_done =
+              exclusive_done || (exclusive && (item.events & mask & (EPOLLIN | EPOLLOUT)) != 0);
+          break;
+        default:  // both: no exclusive wakeup counts
+          break;
       }
     }
   }
 
   int epoll_control(File& ep, int op, File& target, epoll_event* event) {
+    // do_epoll_ctl: "epoll adds to the wakeup queue at EPOLL_CTL_ADD time only, so EPOLLEXCLUSIVE
+    // is not allowed for a EPOLL_CTL_MOD operation" (checked before the item is looked up), nor
+    // beside other bits than EPOLLEXCLUSIVE_OK_BITS, nor for a nested epoll set.
+    constexpr std::uint32_t kExclusiveOk =
+        EPOLLIN | EPOLLOUT | EPOLLERR | EPOLLHUP | EPOLLWAKEUP | EPOLLET | EPOLLEXCLUSIVE;
+    if (op != EPOLL_CTL_DEL && (event->events & EPOLLEXCLUSIVE) != 0) {
+      if (op == EPOLL_CTL_MOD) return fail_errno(EINVAL);
+      if (op == EPOLL_CTL_ADD &&
+          (target.kind == FileKind::kEpoll || (event->events & ~kExclusiveOk) != 0)) {
+        return fail_errno(EINVAL);
+      }
+    }
     auto it = ep.items.find(target.fd);
     switch (op) {
       case EPOLL_CTL_ADD: {
@@ -1398,6 +1534,8 @@ class Kernel {
       }
       case EPOLL_CTL_MOD: {
         if (it == ep.items.end()) return fail_errno(ENOENT);
+        // An item added with EPOLLEXCLUSIVE is never modified: ep_modify is skipped, EINVAL stays.
+        if ((it->second.events & EPOLLEXCLUSIVE) != 0) return fail_errno(EINVAL);
         it->second.events = event->events;
         it->second.data = event->data.u64;
         it->second.disabled = false;
@@ -1543,6 +1681,8 @@ class Kernel {
   std::size_t idle_waits_ = 0;
   std::uint16_t next_port_ = 40000;
   std::uint64_t hash_ = 0xcbf29ce484222325ULL;
+  std::uint64_t progress_marks_ = 0;
+  std::map<std::pair<int, std::uint16_t>, std::vector<int>> reuse_groups_;  // (family, port)
   std::uint64_t calls_ = 0;
   bool tracing_ = std::getenv("REACTOR_SIM_TRACE") != nullptr;
   bool keep_recent_ = true;
