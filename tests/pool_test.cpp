@@ -1041,6 +1041,53 @@ TEST_CASE("a stop during a pool's shutdown does not make the next run return at 
   CHECK(test::open_fd_count() == fds);
 }
 
+// Review finding: a reactor left its shutdown loop as soon as its own connections were gone, so
+// its signalfd (the README puts the SignalSet on reactor 0), timers and posted work went unserved
+// while other reactors still served: a second SIGTERM did nothing until the grace ran out. A timer
+// on reactor 0 stands in for the signal here.
+TEST_CASE("a reactor with nothing left to serve keeps its loop running while the others serve",
+          "[pool][shutdown][threads]") {
+  const std::size_t fds = test::open_fd_count();
+  {
+    constexpr std::size_t kReactors = 2;
+    Board board(kReactors);
+    reactor::ReactorPool<Loop> pool(kReactors);
+    EchoAcceptor acceptor(pool, reactor::Endpoint::parse("127.0.0.1:0"), Echo{&board, &pool}, {},
+                          Balance::kRoundRobin);
+    // Round-robin: client 0 on reactor 0 (half-closes, so it is done at once), client 1 on
+    // reactor 1 (keeps sending and never half-closes).
+    std::vector<Client> clients = connect_clients(acceptor.local_endpoint(), 2);
+    clients[1].trickle = true;
+    clients[1].half_close = false;
+    clients[1].stream = test::pattern(4 << 20, 7);
+    {
+      Running running(pool);
+      REQUIRE(board.wait([&] { return board.opened[0] == 1 && board.opened[1] == 1; }));
+      REQUIRE(running.stop().empty());
+    }
+    bool fired = false;
+    pool.post(0, [&] {
+      pool[0].schedule_after(300ms, [&] {
+        fired = true;
+        pool.stop();
+      });
+    });
+    std::jthread driver(
+        [&](const std::stop_token& cancel) { drive(clients, kAtOnce, 60s, cancel); });
+    const auto start = std::chrono::steady_clock::now();
+    const reactor::ShutdownReport report = pool.shutdown(120s, 60s);
+    const auto took = std::chrono::steady_clock::now() - start;
+    driver.join();
+    CHECK(fired);
+    CHECK(took < 30s);  // the 120 s grace was cut short by the timer's stop, not waited out
+    CHECK(report.flushed == 1);
+    CHECK(report.aborted == 1);
+    CHECK(report.failed == 0);
+    CHECK_FALSE(report.error);
+  }
+  CHECK(test::open_fd_count() == fds);
+}
+
 // --- 5. A throwing handler -----------------------------------------------------------------------
 
 TEST_CASE(

@@ -157,7 +157,8 @@ class Acceptor : private detail::Watcher {
     listener_.unlink();
     if (fd < 0) return;
     loop_->remove(*this);
-    if (accept_queued && !accept_all()) return;  // a callback destroyed this acceptor
+    // A callback may destroy this acceptor (false) or close it (fd -1) while it accepts.
+    if (accept_queued && (!accept_all() || fd < 0)) return;
     if (shared_ != nullptr) {
       if (shared_->users.fetch_sub(1, std::memory_order_acq_rel) != 1) {
         fd = -1;
@@ -165,7 +166,7 @@ class Acceptor : private detail::Watcher {
       }
       // The last user: the socket is this acceptor's alone now, to drain once more and close.
       std::exchange(shared_, nullptr)->fd = -1;
-      if (accept_queued && !accept_all()) return;
+      if (accept_queued && (!accept_all() || fd < 0)) return;
     }
     Sys::close(std::exchange(fd, -1));
     if (local_.is_unix() && options_.unlink_on_close) {
@@ -176,7 +177,6 @@ class Acceptor : private detail::Watcher {
       if (path[0] != '\0') Sys::unlink(path);
     }
   }
-
 
  public:
   bool is_open() const noexcept { return fd >= 0; }
@@ -299,11 +299,12 @@ class Acceptor : private detail::Watcher {
   // the wake-up queue and, if it stopped for the budget, not for an empty queue, hands the next
   // turn to the next reactor: a burst that arrived at once (one wake-up) is spread too.
   void accept_some() noexcept {
+    const int budget_asked = std::max(options_.accept_budget, 1);  // 0 would never accept: a spin
     if (shared_ == nullptr) {
-      accept_up_to(options_.accept_budget);
+      accept_up_to(budget_asked);
       return;
     }
-    const int budget = std::min<int>(options_.accept_budget, static_cast<int>(kRequeueEvery));
+    const int budget = std::min<int>(budget_asked, static_cast<int>(kRequeueEvery));
     const std::uint64_t before = accepted_;
     if (!accept_up_to(budget)) return;
     if (fd < 0 || fd_waiter_.is_linked()) return;
@@ -321,12 +322,14 @@ class Acceptor : private detail::Watcher {
   // Accepts until the queue is empty (bounded, should clients keep arriving) for a closing
   // listener, which is no longer in the epoll set. Returns false if a callback destroyed this.
   bool accept_all() noexcept {
-    const int limit = std::max(options_.backlog, 64) * 2;
+    // Twice what the queue can hold (a backlog of 0 or less means the kernel's maximum).
+    const std::int64_t queue = options_.backlog <= 0 ? 65535 : options_.backlog;
+    const std::int64_t limit = 2 * std::clamp<std::int64_t>(queue, 64, 65535);
     // No back-off here: the listener is closing. Out of fds or memory, what is still queued is
     // reset when it closes (counted in failed_count()).
     bool destroyed = false;
     destroyed_ = &destroyed;  // set by the destructor if a callback destroys this acceptor
-    for (int i = 0; i < limit; ++i) {
+    for (std::int64_t i = 0; i < limit && fd >= 0; ++i) {  // (a callback may close this)
       const int socket = Sys::accept4(fd, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
       if (socket < 0) {
         const int error = errno;

@@ -156,7 +156,10 @@ class ReactorPool {
   }
 
   // Makes run() return, or ends a shutdown()'s grace (what is left is aborted). Any thread, and
-  // signal handlers (atomic stores and eventfd writes).
+  // signal handlers (atomic stores and eventfd writes). As with Reactor::stop(), the pool must
+  // outlive the call: run() may return while another thread's stop() is still writing to the
+  // later reactors, so an owner that destroys the pool when run() returns must first wait for the
+  // stopping thread to be done with it.
   void stop() noexcept {
     for (const auto& loop : reactors_) loop->stop();
   }
@@ -165,9 +168,12 @@ class ReactorPool {
   // one), and the reports summed. Every reactor first closes its acceptors, each accepting what
   // its listen queue holds; then all of them serve out their connections, those just handed over
   // included, for at most `grace`. A stop() from any thread after shutdown() began aborts what is
-  // left everywhere. report.error: device_or_resource_busy while the pool runs, or the first
-  // reactor's error; if threads cannot be started, the reactors shut down one after the other
-  // on the calling thread, sharing the grace period.
+  // left everywhere. A reactor whose connections are all gone keeps running its loop (signals,
+  // timers, posted work) until every reactor is done. report.error: device_or_resource_busy while
+  // the pool runs (nothing done then), or the first reactor's error (a reactor that some other
+  // thread drives, or whose callback made this call, is skipped while the others shut down); if
+  // threads cannot be started, the reactors shut down one after the other on the calling thread,
+  // sharing the grace period.
   ShutdownReport shutdown(std::chrono::milliseconds grace,
                           std::chrono::milliseconds quiet = R::kDefaultQuietPeriod) noexcept {
     ShutdownReport total;
@@ -183,17 +189,36 @@ class ReactorPool {
     std::vector<ShutdownReport> reports;
     std::vector<std::thread> threads;
     std::atomic<int> gate{0};  // 1: go, 2: the threads could not all start
+    // Reactors still serving connections. One with none left keeps its loop going (the signalfd
+    // of a second SIGTERM may be on it, and its timers and posted work keep running) until the
+    // last one is done and wakes it.
+    std::atomic<std::size_t> serving{n};
     try {
       reports.resize(n);
       std::barrier listeners_closed(static_cast<std::ptrdiff_t>(n));
       threads.reserve(n - 1);
       const auto shut_one = [&](std::size_t i) {
         bool arrived = false;
-        reports[i] = reactors_[i]->shutdown_with(grace, quiet, false, [&] {
-          listeners_closed.arrive_and_wait();
-          arrived = true;
-        });
+        bool done = false;
+        const auto finish = [&] {
+          if (!std::exchange(done, true) && serving.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+            for (const auto& loop : reactors_) loop->wake();
+          }
+        };
+        const auto keep_serving = [&](bool has_connections) {
+          if (has_connections) return true;
+          finish();
+          return serving.load(std::memory_order_acquire) > 0;
+        };
+        reports[i] = reactors_[i]->shutdown_with(
+            grace, quiet, false,
+            [&] {
+              listeners_closed.arrive_and_wait();
+              arrived = true;
+            },
+            keep_serving);
         if (!arrived) listeners_closed.arrive_and_drop();  // refused before closing anything
+        finish();  // (ended by the deadline, a stop() or an error: the others need not wait)
       };
       try {
         for (std::size_t i = 1; i < n; ++i) {
@@ -219,13 +244,19 @@ class ReactorPool {
       for (auto& thread : threads) thread.join();
     } catch (...) {  // out of memory or threads: one reactor after the other, here
       const auto deadline = detail::saturating_add(detail::clock_now<Sys>(), grace);
+      const auto alone = [](bool has_connections) { return has_connections; };
       reports.assign(reports.size(), ShutdownReport{});
       for (std::size_t i = 0; i < reports.size(); ++i) {
         const auto left = detail::ms_until(deadline, detail::clock_now<Sys>());
-        reports[i] = reactors_[i]->shutdown_with(left, quiet, false, [] {});
+        reports[i] = reactors_[i]->shutdown_with(
+            left, quiet, false, [] {}, alone);
       }
       if (reports.empty()) {  // not even the reports: no counts, but every reactor is shut down
-        for (const auto& loop : reactors_) loop->shutdown_with(grace, quiet, false, [] {});
+        for (const auto& loop : reactors_) {
+          const auto left = detail::ms_until(deadline, detail::clock_now<Sys>());
+          loop->shutdown_with(
+              left, quiet, false, [] {}, alone);
+        }
         total.error = std::make_error_code(std::errc::not_enough_memory);
       }
     }
@@ -342,8 +373,8 @@ class PoolAcceptor {
       : pool_(&pool), balance_(pool.size() == 1 ? Balance::kReusePort : balance) {
     const std::size_t n = pool.size();
     if (n == 1) {
-      acceptors_.push_back(std::make_unique<Single>(pool[0], endpoint, std::move(prototype),
-                                                    options));
+      acceptors_.push_back(
+          std::make_unique<Single>(pool[0], endpoint, std::move(prototype), options));
       local_ = acceptors_[0]->local_endpoint();
       return;
     }
@@ -406,8 +437,8 @@ class PoolAcceptor {
   // The mode in use (kReusePort for a pool of one).
   Balance balance() const noexcept { return balance_; }
 
-  // The counts below are exact while the pool is not running (read them after run() or
-  // shutdown() returned): they are plain counters of the reactors' threads.
+  // The counts below are plain counters of the reactors' threads: read them only while the pool
+  // is not running (after run() or shutdown() returned), never while it runs.
 
   // Connections accepted, all reactors together.
   std::uint64_t accepted_count() const noexcept {
@@ -418,6 +449,7 @@ class PoolAcceptor {
 
   // Connections that reactor i was given: accepted by its own acceptor, or handed to it.
   std::uint64_t accepted_count(std::size_t i) const noexcept {
+    if (i >= pool_->size()) return 0;
     if (dispatch_ != nullptr) return dispatch_->slots[i].received.load(std::memory_order_relaxed);
     return i < acceptors_.size() ? acceptors_[i]->accepted_count() : 0;
   }
@@ -466,10 +498,10 @@ class PoolAcceptor {
       BasicUniqueFd<Sys> owned(socket);
       try {
         // 16 + 8 + 4 bytes: stored inline in the posted task, no allocation per connection.
-        (*self.pool)[target].post([state = self.shared_from_this(), target,
-                                   fd = std::move(owned)]() mutable {
-          state->open(target, fd.release());
-        });
+        (*self.pool)[target].post(
+            [state = self.shared_from_this(), target, fd = std::move(owned)]() mutable {
+              state->open(target, fd.release());
+            });
       } catch (...) {  // no memory to queue it: the socket was closed by its owner on the way out
         --self.sent[target];
         self.slots[0].failed.store(self.slots[0].failed.load(std::memory_order_relaxed) + 1,
@@ -485,14 +517,14 @@ class PoolAcceptor {
       std::error_code ec;
       try {
         Handler handler = prototype;
-        Connection<Handler, R>::open((*pool)[target], socket, std::move(handler), options, tcp,
-                                     ec);
+        Connection<Handler, R>::open((*pool)[target], socket, std::move(handler), options, tcp, ec);
       } catch (...) {  // copying the prototype threw
         Sys::close(socket);
         ec = make_error_code(Error::kHandlerException);
       }
-      if (ec) slot.failed.store(slot.failed.load(std::memory_order_relaxed) + 1,
-                                std::memory_order_relaxed);
+      if (ec)
+        slot.failed.store(slot.failed.load(std::memory_order_relaxed) + 1,
+                          std::memory_order_relaxed);
     }
 
     // Round-robin, or the fewest connections counting those handed over and not yet opened;

@@ -246,7 +246,11 @@ class Reactor {
       const std::lock_guard lock(post_mutex_);
       posted_.emplace_back(std::forward<F>(task));
     }
-    if (!wakeup_pending_.exchange(true, std::memory_order_acq_rel)) wake();
+    // A load first: while a wakeup is pending, posting writes nothing the loop thread reads.
+    if (!wakeup_pending_.load(std::memory_order_acquire) &&
+        !wakeup_pending_.exchange(true, std::memory_order_acq_rel)) {
+      wake();
+    }
   }
 
   // Timers run on the loop thread, earliest first; ties run in scheduling order; never before
@@ -313,17 +317,18 @@ class Reactor {
   // consumes any pending stop(), closes every acceptor (each first accepts the connections its
   // listen queue holds: the kernel had completed them), runs the work posted before the call, and
   // keeps serving the open connections — reading, calling on_data, writing — so that bytes the
-  // peers sent before the shutdown are still handled. Each connection is closed (flush, FIN, linger) once it is quiet: nothing pending to
-  // send and nothing received for `quiet`, or its peer half-closed. A handler with an
-  // on_shutdown(conn) hook decides instead: the hook is called once, and the connection stays
-  // until the handler closes it. Timers and posted work keep running meanwhile. At the deadline,
-  // or as soon as stop() is called during the grace period (a second signal, say), what is left is
-  // aborted (on_close gets operation_canceled); a stop() made during it is consumed by it. Returns
-  // the counts; report.error is set, and nothing done, when called from a callback or while
-  // another thread runs the loop.
+  // peers sent before the shutdown are still handled. Each connection is closed (flush, FIN,
+  // linger) once it is quiet: nothing pending to send and nothing received for `quiet`, or its peer
+  // half-closed. A handler with an on_shutdown(conn) hook decides instead: the hook is called once,
+  // and the connection stays until the handler closes it. Timers and posted work keep running
+  // meanwhile. At the deadline, or as soon as stop() is called during the grace period (a second
+  // signal, say), what is left is aborted (on_close gets operation_canceled); a stop() made during
+  // it is consumed by it. Returns the counts; report.error is set, and nothing done, when called
+  // from a callback or while another thread runs the loop.
   ShutdownReport shutdown(std::chrono::milliseconds grace,
                           std::chrono::milliseconds quiet = kDefaultQuietPeriod) noexcept {
-    return shutdown_with(grace, quiet, true, [] {});
+    return shutdown_with(
+        grace, quiet, true, [] {}, [](bool serving) { return serving; });
   }
 
   // Whether a graceful shutdown is in progress (connections check it when they open).
@@ -381,13 +386,16 @@ class Reactor {
   using ListenerList = detail::IntrusiveList<detail::ListenerNode, detail::ListenerTag>;
 
   // shutdown(), for it and for ReactorPool: `consume_stop` false keeps a stop() made before the
-  // call (a pool's stop() between its reactors' starts must still end every grace period), and
-  // `listeners_closed` runs once the acceptors are closed and before serving out begins (a pool
+  // call (a pool's stop() between its reactors' starts must still end every grace period);
+  // `listeners_closed()` runs once the acceptors are closed and before serving out begins (a pool
   // waits there until every reactor has closed its acceptors, so that connections handed over
-  // while closing are queued before any reactor decides it has nothing left to serve).
-  template <class F>
+  // while closing are queued before any reactor decides it has nothing left to serve); and the
+  // loop goes on while `keep_serving(connections left)` (a pool's reactor with none left keeps
+  // running its signals, timers and posted work until every reactor is done).
+  template <class Closed, class Serving>
   ShutdownReport shutdown_with(std::chrono::milliseconds grace, std::chrono::milliseconds quiet,
-                               bool consume_stop, F&& listeners_closed) noexcept {
+                               bool consume_stop, Closed&& listeners_closed,
+                               Serving&& keep_serving) noexcept {
     ShutdownReport report;
     RunScope scope(*this, report.error);
     if (report.error) return report;
@@ -410,7 +418,7 @@ class Reactor {
     finalize_closed();
     const auto deadline = detail::saturating_add(now_, grace);
     int events = 0;
-    while (connection_count() > 0 &&
+    while (keep_serving(connection_count() > 0) &&
            !stop_requested_.exchange(false, std::memory_order_acq_rel)) {
       const auto left = detail::ms_until(deadline, detail::clock_now<Sys>());
       if (left.count() <= 0) break;

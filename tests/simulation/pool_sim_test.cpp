@@ -58,7 +58,8 @@ class ReactorPool<pool_sim::Phases> {
   static ShutdownReport shutdown_with(R& loop, std::chrono::milliseconds grace,
                                       std::chrono::milliseconds quiet, F&& listeners_closed) {
     // consume_stop false, as the pool calls it (it clears the reactors' stops itself).
-    return loop.shutdown_with(grace, quiet, false, std::forward<F>(listeners_closed));
+    return loop.shutdown_with(grace, quiet, false, std::forward<F>(listeners_closed),
+                              [](bool serving) { return serving; });
   }
   // ReactorPool::clear_stops(), which the pool's shutdown() does before and after its reactors'.
   template <class R>
