@@ -15,10 +15,11 @@
 // connections that failed during the stop) and exits 0.
 //
 // --threads N (default 1) runs N reactors, one thread each, and --balance says how connections
-// reach them: "reuseport" (default; a listening socket per thread, the kernel hashes connections
-// to them; TCP only), "dispatch" (one listener, each connection handed to the thread with the
-// fewest), "round-robin" (the same, in turn) or "exclusive" (one listener in every thread's epoll
-// set, EPOLLEXCLUSIVE). Signals, the stop and the report cover all threads.
+// reach them: "reuseport" (a listening socket per thread, the kernel hashes connections to them;
+// TCP only, and the default there), "dispatch" (one listener, each connection handed to the
+// thread with the fewest; the default for --unix), "round-robin" (the same, in turn) or
+// "exclusive" (one listener in every thread's epoll set, EPOLLEXCLUSIVE). Signals, the stop and
+// the report cover all threads.
 #include <reactor.hpp>
 
 #include <cerrno>
@@ -26,8 +27,10 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <string_view>
+#include <type_traits>
 
 namespace {
 
@@ -39,7 +42,7 @@ struct Options {
   std::size_t high_water = 1024 * 1024;
   double idle_timeout_seconds = 0;
   std::size_t threads = 1;
-  reactor::Balance balance = reactor::Balance::kReusePort;
+  std::optional<reactor::Balance> balance;  // default: reuseport for TCP, dispatch for --unix
 };
 
 // The whole protocol: send back what arrived. Backpressure needs no code here: when the peer
@@ -64,7 +67,8 @@ T number(const char* program, const char* text, T low, T high) {
   errno = 0;
   const double value = std::strtod(text, &end);
   if (errno != 0 || end == text || *end != '\0' || value < static_cast<double>(low) ||
-      value > static_cast<double>(high)) {
+      value > static_cast<double>(high) ||
+      (std::is_integral_v<T> && value != static_cast<double>(static_cast<T>(value)))) {
     std::fprintf(stderr, "%s: bad number '%s'\n", program, text);
     usage(program);
   }
@@ -133,7 +137,15 @@ int serve(const Options& options) {
   } else {
     endpoint = reactor::Endpoint::from_host_port(options.host, options.port);
   }
-  reactor::PoolAcceptor<Echo, Loop> acceptor(pool, endpoint, Echo{}, listen, options.balance);
+  const reactor::Balance balance = options.balance.value_or(
+      endpoint.is_unix() ? reactor::Balance::kLeastConnections : reactor::Balance::kReusePort);
+  if (endpoint.is_unix() && balance == reactor::Balance::kReusePort && options.threads > 1) {
+    std::fprintf(stderr,
+                 "echo_server: --balance reuseport needs TCP (SO_REUSEPORT); with --unix use"
+                 " dispatch, round-robin or exclusive\n");
+    return 1;
+  }
+  reactor::PoolAcceptor<Echo, Loop> acceptor(pool, endpoint, Echo{}, listen, balance);
 
   // Before run() starts the other threads, which inherit the blocked signals: only the signalfd,
   // on reactor 0, sees SIGINT and SIGTERM, and stops every thread.
