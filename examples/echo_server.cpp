@@ -108,8 +108,8 @@ Options parse(int argc, char** argv) {
       } else if (name == "exclusive") {
         options.balance = reactor::Balance::kExclusive;
       } else {
-        std::fprintf(stderr, "%s: unknown balance '%.*s'\n", argv[0],
-                     static_cast<int>(name.size()), name.data());
+        std::fprintf(stderr, "%s: unknown balance '%.*s'\n", argv[0], static_cast<int>(name.size()),
+                     name.data());
         usage(argv[0]);
       }
     } else {

@@ -1114,8 +1114,7 @@ class Harness {
   // The report of shutdown(grace), against the connections open when it started and those it
   // accepted from the closing listener's queue. (A third count, should the core add one, belongs
   // here.)
-  static void check_shutdown_report(const reactor::ShutdownReport& report,
-                                    std::size_t counted) {
+  static void check_shutdown_report(const reactor::ShutdownReport& report, std::size_t counted) {
     FUZZ_CHECK(!report.error);
     FUZZ_CHECK(report.flushed + report.failed + report.aborted == counted);
   }

@@ -1823,7 +1823,8 @@ std::vector<Scenario> make_scenarios() {
     // Deterministic: shutdown() accepts what waits in the listener's queue before closing it
     // (closing would reset it: inet_csk_listen_stop()), so the second connection is served out
     // like the first; a connect to a port nobody listens on any more is refused.
-    Scenario& s = add("graceful shutdown serves a connection still in the accept queue and refuses new ones");
+    Scenario& s =
+        add("graceful shutdown serves a connection still in the accept queue and refuses new ones");
     s.options.linger_timeout = kLinger;
     s.script = [](World& w) {
       w.connect();

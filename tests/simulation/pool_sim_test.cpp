@@ -969,8 +969,7 @@ TEMPLATE_TEST_CASE("a network error from accept4 while serving skips one connect
 TEMPLATE_TEST_CASE(
     "a network error from accept4 during a shutdown's drain skips one connection, "
     "no more",
-    "[pool][simulation][accept][shutdown]", reactor::LevelTriggered,
-    reactor::EdgeTriggered) {
+    "[pool][simulation][accept][shutdown]", reactor::LevelTriggered, reactor::EdgeTriggered) {
   using Loop = SimLoop<TestType>;
   const int error = GENERATE(EHOSTUNREACH, ENETUNREACH, EPERM);
   CAPTURE(error);
