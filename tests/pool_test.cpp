@@ -1088,6 +1088,45 @@ TEST_CASE("a reactor with nothing left to serve keeps its loop running while the
   CHECK(test::open_fd_count() == fds);
 }
 
+// New-user finding: the pool's reactors were destroyed one by one, each aborting its connections
+// as it went, so an on_close on reactor 1 that posted to reactor 0 (or asked pool.current(), or
+// used a handle of one of its connections) touched a freed reactor (ASan: heap-use-after-free).
+struct PostsOnClose {
+  reactor::ReactorPool<Loop>* pool;
+  std::atomic<std::size_t>* canceled;
+  void on_data(auto& c, std::string_view bytes) { c.send(bytes); }
+  void on_close(auto&, std::error_code reason) {
+    if (reason != std::errc::operation_canceled) return;
+    pool->post(0, [] {});
+    if (pool->current() < pool->size()) canceled->fetch_add(1);
+  }
+};
+
+TEST_CASE("a pool destroyed with connections open aborts them all while every reactor exists",
+          "[pool][lifecycle][threads]") {
+  const std::size_t fds = test::open_fd_count();
+  std::atomic<std::size_t> canceled{0};
+  {
+    std::vector<reactor::UniqueFd> clients;
+    reactor::ReactorPool<Loop> pool(2);
+    reactor::PoolAcceptor<PostsOnClose, Loop> acceptor(
+        pool, reactor::Endpoint::parse("127.0.0.1:0"), PostsOnClose{&pool, &canceled}, {},
+        Balance::kRoundRobin);
+    for (int i = 0; i < 4; ++i) clients.push_back(reactor::connect(acceptor.local_endpoint()));
+    {
+      Running running(pool);
+      const auto deadline = Clock::now() + 20s;
+      // (No event to wait on from outside: the count is read from another thread, bounded.)
+      while (pool.connection_count() < 4 && Clock::now() < deadline) std::this_thread::yield();
+      REQUIRE(pool.connection_count() == 4);
+      REQUIRE(running.stop().empty());
+    }
+    acceptor.close();
+  }  // the pool goes here, with its four connections open (two on each reactor)
+  CHECK(canceled == 4);
+  CHECK(test::open_fd_count() == fds);
+}
+
 // --- 5. A throwing handler -----------------------------------------------------------------------
 
 TEST_CASE(

@@ -1,9 +1,9 @@
 // Public: ReactorPool<Reactor>, one reactor per thread, run, stopped and shut down as one; and
 // PoolAcceptor<Handler, Reactor>, a server whose connections are spread over a pool's reactors in
-// one of three ways (Balance).
+// one of four ways (Balance).
 //
 // Each reactor stays what it is alone: one thread drives it, its connections never leave it, and
-// nothing is shared between reactors per message. Connections reach a reactor in one of three
+// nothing is shared between reactors per message. Connections reach a reactor in one of four
 // ways:
 //   kReusePort         a listening socket per reactor (SO_REUSEPORT); the kernel hashes each new
 //                      connection's addresses and ports to one of them. No hand-off at all, but
@@ -97,6 +97,15 @@ class ReactorPool {
 
   ReactorPool(const ReactorPool&) = delete;
   ReactorPool& operator=(const ReactorPool&) = delete;
+
+  // Aborts the connections still open on every reactor (each gets on_close with
+  // operation_canceled) while all the reactors exist, so an on_close may still post to another
+  // reactor or use a handle of one; then destroys them. As for a Reactor, acceptors and watchers
+  // go first, and nobody may be running the pool.
+  ~ReactorPool() {
+    for (const auto& loop : reactors_) loop->destroying_ = true;
+    for (const auto& loop : reactors_) loop->abort_connections();
+  }
 
   std::size_t size() const noexcept { return reactors_.size(); }
   R& operator[](std::size_t i) noexcept { return *reactors_[i]; }

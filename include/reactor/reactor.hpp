@@ -165,13 +165,7 @@ class Reactor {
   // on_close callbacks run as inside the loop (run_once()/shutdown() from them are refused), and a
   // connection they try to adopt meanwhile is refused with operation_canceled.
   ~Reactor() {
-    std::error_code running;  // set only if destroyed from inside its own loop: undefined anyway
-    RunScope scope(*this, running);
-    destroying_ = true;
-    while (!connections_.empty()) {
-      for_each_open_connection(detail::WatcherOp::kAbort);
-      finalize_closed();
-    }
+    abort_connections();
     close_fds();
   }
 
@@ -255,9 +249,10 @@ class Reactor {
 
   // Timers run on the loop thread, earliest first; ties run in scheduling order; never before
   // their deadline (a deadline past the clock's range saturates: never). They cost O(log n) to
-  // schedule, cancel and fire, and one timerfd for all of them. Throw std::bad_alloc, or
-  // std::system_error naming "timerfd_create" when the first timer cannot get its fd. There is no
-  // error_code overload: they fail only for lack of memory or fds. Loop thread only.
+  // schedule, cancel and fire, and one timerfd for all of them, created with the first timer. When
+  // no timerfd can be had (out of fds), epoll_wait's timeout stands in for it (millisecond
+  // resolution) and each later schedule tries again. Throw std::bad_alloc only: there is no
+  // error_code overload. Loop thread only.
   template <class Rep, class Period, class F>
   TimerId schedule_after(std::chrono::duration<Rep, Period> delay, F&& callback) {
     return schedule(detail::saturating_add(detail::clock_now<Sys>(), delay),
@@ -437,6 +432,19 @@ class Reactor {
     aborting_ = false;
     shutdown_report_ = nullptr;
     return report;
+  }
+
+  // The destructor's first half, and ReactorPool's: every reactor of a pool aborts its connections
+  // before any is destroyed, so an on_close that posts to another reactor, or uses a handle of
+  // one, finds it alive.
+  void abort_connections() noexcept {
+    std::error_code running;  // set only if destroyed from inside its own loop: undefined anyway
+    RunScope scope(*this, running);
+    destroying_ = true;
+    while (!connections_.empty()) {
+      for_each_open_connection(detail::WatcherOp::kAbort);
+      finalize_closed();
+    }
   }
 
   // Kinds of deferred work, one bit each in deferred_, so that an iteration with none of it costs
@@ -676,19 +684,21 @@ class Reactor {
 
   template <class F>
   TimerId schedule(Clock::time_point due, Clock::duration period, F&& callback) {
-    if (timer_.fd < 0) {
-      timer_.fd = Sys::timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
-      if (timer_.fd < 0) detail::throw_error(detail::last_errno_code(), "timerfd_create");
-      if (const std::error_code ec = add(timer_, EPOLLIN)) {
-        Sys::close(std::exchange(timer_.fd, -1));
-        detail::throw_error(ec, "epoll_ctl");
-      }
-    }
+    if (timer_.fd < 0) open_timerfd();
     start_timing();
     const TimerId id = timers_.add(due, period, detail::Task(std::forward<F>(callback)));
     deferred_ |= kTimerWork;
     arm_timer();
     return id;
+  }
+
+  // Without a timerfd (none could be created or registered: out of fds or memory) timers still
+  // run: arm_timer() then leaves them to epoll_wait's timeout. Losing them, or the connections
+  // whose timeouts need them, over one fd would turn a shortage into lost data at shutdown.
+  void open_timerfd() noexcept {
+    timer_.fd = Sys::timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+    if (timer_.fd >= 0 && add(timer_, EPOLLIN)) Sys::close(std::exchange(timer_.fd, -1));
+    armed_due_ = Clock::time_point::max();  // a new timerfd holds nothing yet
   }
 
   // Keeps the timerfd no later than the earliest deadline, reasoning only from what the timerfd
@@ -698,7 +708,11 @@ class Reactor {
   // left alone and costs one early wakeup, after which run_timers() re-arms from the heap. If
   // timerfd_settime fails, epoll_wait's timeout stands in for it until an arm succeeds.
   void arm_timer() noexcept {
-    if (timers_.empty() || timer_.fd < 0) return;
+    if (timers_.empty()) return;
+    if (timer_.fd < 0) {
+      timerfd_unarmed_ = true;
+      return;
+    }
     const auto due = timers_.next_due();
     if (due >= armed_due_) return;
     const auto since_epoch = std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -882,7 +896,7 @@ class Reactor {
   ListenerList listeners_;
   detail::TimerQueue timers_;
   Clock::time_point armed_due_ = Clock::time_point::max();  // what the timerfd holds; max: nothing
-  bool timerfd_unarmed_ = false;  // the last timerfd_settime failed: epoll_wait's timeout stands in
+  bool timerfd_unarmed_ = false;  // no timerfd, or its last arm failed: epoll_wait's timeout stands in
   ShutdownReport* shutdown_report_ = nullptr;  // set while shutdown() runs
   bool aborting_ = false;                      // shutdown() is aborting what is left
   bool destroying_ = false;                    // the destructor runs
