@@ -322,7 +322,8 @@ class Acceptor : private detail::Watcher {
   // Accepts until the queue is empty (bounded, should clients keep arriving) for a closing
   // listener, which is no longer in the epoll set. Returns false if a callback destroyed this.
   bool accept_all() noexcept {
-    // Twice what the queue can hold (a backlog of 0 or less means the kernel's maximum).
+    // Twice what the queue can hold (a negative backlog means the kernel's maximum); it only
+    // bounds the drain should clients keep arriving.
     const std::int64_t queue = options_.backlog <= 0 ? 65535 : options_.backlog;
     const std::int64_t limit = 2 * std::clamp<std::int64_t>(queue, 64, 65535);
     // No back-off here: the listener is closing. Out of fds or memory, what is still queued is

@@ -215,7 +215,12 @@ class ReactorPool {
           }
         };
         const auto keep_serving = [&](bool has_connections) {
-          if (has_connections) return true;
+          if (has_connections) {
+            // Counted as done, then given a connection (by user code during the grace): count
+            // it again, so that the others keep their loops (and signals) going meanwhile.
+            if (std::exchange(done, false)) serving.fetch_add(1, std::memory_order_acq_rel);
+            return true;
+          }
           finish();
           return serving.load(std::memory_order_acquire) > 0;
         };

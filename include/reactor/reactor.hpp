@@ -731,7 +731,10 @@ class Reactor {
 
   void run_timers() noexcept {
     if (timers_.empty()) return;
-    if (timers_.next_due() <= now_) timers_.run_due(now_);
+    if (timers_.next_due() <= now_) {
+      timers_.run_due(now_);
+      if (timer_.fd < 0) open_timerfd();  // out of fds when it was first needed: try again
+    }
     arm_timer();
   }
 
@@ -896,7 +899,8 @@ class Reactor {
   ListenerList listeners_;
   detail::TimerQueue timers_;
   Clock::time_point armed_due_ = Clock::time_point::max();  // what the timerfd holds; max: nothing
-  bool timerfd_unarmed_ = false;  // no timerfd, or its last arm failed: epoll_wait's timeout stands in
+  bool timerfd_unarmed_ =
+      false;  // no timerfd, or its last arm failed: epoll_wait's timeout stands in
   ShutdownReport* shutdown_report_ = nullptr;  // set while shutdown() runs
   bool aborting_ = false;                      // shutdown() is aborting what is left
   bool destroying_ = false;                    // the destructor runs
