@@ -239,9 +239,12 @@ class Connection final : private detail::OwnedWatcher {
   // Returns nullptr with `ec` set when the connection cannot be created (the fd is closed then,
   // and no hook has run). The pointer is valid until on_close returns, and on_close runs only
   // after on_open. tcp: the socket is TCP (not AF_UNIX), which decides how edge mode treats a
-  // short read. During a graceful shutdown the new connection is served out like the others.
+  // short read. in_epoll: the fd is already in the loop's epoll set (a Connector's socket, which
+  // waited there for its connect to complete), so it is re-pointed at the connection with one
+  // EPOLL_CTL_MOD instead of added; the caller drops its own watcher's queued events (forget()).
+  // During a graceful shutdown the new connection is served out like the others.
   static Connection* open(R& loop, int fd, Handler&& handler, const ConnectionOptions& options,
-                          bool tcp, std::error_code& ec) noexcept {
+                          bool tcp, std::error_code& ec, bool in_epoll = false) noexcept {
     static_assert(check_handler<Handler, Connection>());
     ec.clear();
     if (loop.destroying()) {  // an on_close adopting while the reactor is destroyed
@@ -258,14 +261,14 @@ class Connection final : private detail::OwnedWatcher {
       ec = make_error_code(Error::kHandlerException);
     }
     if (connection == nullptr) {
-      Sys::close(fd);
+      Sys::close(fd);  // leaves the epoll set with it (in_epoll)
       return nullptr;
     }
     if (tcp) connection->flags_ |= kShortReadDrains | kTcp;
     const std::uint32_t events =
         kEdge ? EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET | (tcp ? EPOLLPRI : 0u)
               : EPOLLIN | EPOLLRDHUP;
-    if ((ec = loop.add(*connection, events)) ||
+    if ((ec = in_epoll ? loop.modify(*connection, events) : loop.add(*connection, events)) ||
         (ec = connection->arm_timeouts(detail::clock_now<Sys>()))) {
       connection->discard();
       return nullptr;

@@ -1,0 +1,765 @@
+// Public: Connector<Handler, OnResult, Reactor>, outbound connections made on the loop without
+// blocking it: host names resolved on worker threads (resolver.hpp), non-blocking connects
+// (EINPROGRESS, then EPOLLOUT and SO_ERROR), Happy Eyeballs v2 over several addresses (RFC 8305),
+// a timeout per attempt and an overall deadline, retries with exponential backoff and jitter, and
+// an optional reconnect when the established connection drops. The connected socket becomes a
+// Connection on the same reactor, in place: its fd stays in the epoll set (one EPOLL_CTL_MOD
+// re-points it) and nothing is asked of the kernel that the connector already knows.
+//
+//   reactor::Connector client(loop, MyHandler{}, [](auto* conn, std::error_code ec,
+//                                                   const reactor::Endpoint& address) {
+//     if (!conn) std::fprintf(stderr, "connect to %s: %s\n", ...);
+//   });
+//   client.connect("example.com", 80);
+//
+// States (docs/design.md, "Connector"): idle -> resolving (names only) -> connecting (one or more
+// sockets in flight) -> connected; a round that fails goes to waiting (backoff) and starts again,
+// until the tries run out or the deadline passes: then idle, with on_result(nullptr, error,
+// address). Each state owns what it holds: resolving a lookup request, connecting the attempt
+// sockets, waiting nothing but the timer; the one timer serves whichever deadline is earliest.
+//
+// Callbacks: on_result(conn, ec, address) runs on the loop thread, never from inside connect(),
+// once per outcome: a connection (conn set, ec empty, address the one that won) or a failure (conn
+// null; ec says what failed: an error in resolve_category() for the lookup, timed_out,
+// connection_refused, network_unreachable, host_unreachable, ...; address the last one tried,
+// empty when no address was reached). After cancel(), disconnect() or the destructor no
+// on_result runs. It may destroy the Connector, or call connect(), cancel() or disconnect().
+// Exceptions from it are dropped.
+//
+// Handler: as for any Connection (concepts.hpp), with hooks taking the connection as `auto&`
+// (its type is connection_type). It must be copyable (each connection gets a copy of the
+// prototype) and not final: the connection's handler is a class derived from it, which also
+// tells the connector when the connection closes.
+//
+// Threading: construct, use and destroy on the reactor's thread, before the reactor is destroyed.
+// An established connection belongs to the reactor, like any other: destroying the Connector, or
+// connect()ing again, leaves it open (and no longer reconnected).
+#pragma once
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <system_error>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "concepts.hpp"
+#include "connection.hpp"
+#include "detail/watcher.hpp"
+#include "endpoint.hpp"
+#include "error.hpp"
+#include "reactor.hpp"
+#include "resolver.hpp"
+#include "timer.hpp"
+
+namespace reactor {
+
+// Where a Connector is (state()).
+enum class ConnectorState : std::uint8_t {
+  kIdle,        // nothing in progress (never started, cancelled, failed, or the connection closed)
+  kResolving,   // a host name lookup runs on a resolver thread
+  kConnecting,  // connect attempts are in flight
+  kWaiting,     // a round failed; the next starts after the backoff (or a reconnect's delay)
+  kConnected,   // connection() is open
+};
+
+struct RetryOptions {
+  // Rounds (resolve, then every address) per connect() or reconnect, the first included: 1 never
+  // retries; 0 retries until the deadline, or for ever.
+  int tries = 1;
+  // Wait before the k-th retry (k from 0): min(max, initial * multiplier^k), then a random part
+  // of it taken off (equal jitter: uniform in [d/2, d]), so that clients cut off together do not
+  // come back together. At least 1 ms.
+  std::chrono::milliseconds initial{100};
+  std::chrono::milliseconds max{10000};
+  double multiplier = 2.0;
+};
+
+struct ConnectOptions {
+  // A host name lookup that takes longer is abandoned (its late result dropped); the round fails
+  // with timed_out and an empty address.
+  std::chrono::milliseconds resolve_timeout{5000};
+  // One socket's connect that takes longer is closed (timed_out), and the next address is tried.
+  std::chrono::milliseconds attempt_timeout{5000};
+  // Everything — every round, lookup, attempt and backoff — ends by then (timed_out); zero: no
+  // overall deadline. Counted from connect(), or from a reconnect's start.
+  std::chrono::milliseconds deadline{0};
+  // Happy Eyeballs: with several addresses (IPv6 and IPv4 interleaved, IPv6 first), the next
+  // attempt starts this long after the previous one began, or as soon as one fails; the first to
+  // connect wins and the others are closed. Never below 10 ms (RFC 8305 section 5).
+  std::chrono::milliseconds attempt_delay{250};
+  RetryOptions retry{};
+  // When the established connection closes (for any reason, the handler's own close() included),
+  // connect again after retry.initial (growing, as retries do, while connections keep dropping
+  // within retry.max of opening). Not during the reactor's graceful shutdown, nor after cancel()
+  // or disconnect().
+  bool reconnect = false;
+  // TCP_NODELAY on TCP sockets, set before connecting.
+  bool tcp_nodelay = true;
+  // Seed of the jitter's generator; 0 picks one per connector. Simulations set it.
+  std::uint64_t seed = 0;
+  // For the connection once established.
+  ConnectionOptions connection{};
+};
+
+namespace detail {
+
+// How a connection made by a connector tells it that it closed.
+struct ConnectorLink {
+  using Dropped = void (*)(ConnectorLink& link) noexcept;
+  explicit ConnectorLink(Dropped function) noexcept : dropped(function) {}
+  Dropped dropped;
+};
+
+// The handler of a connection made by a connector: the user's, plus a link back that on_close
+// follows first (so that the user's on_close may destroy the connector).
+template <class Handler>
+struct Dialed : Handler {
+  Dialed(const Handler& prototype, ConnectorLink* link) : Handler(prototype), reactor_link_(link) {}
+
+  template <class Conn>
+  void on_close(Conn& connection, std::error_code reason) {
+    if (ConnectorLink* link = std::exchange(reactor_link_, nullptr)) link->dropped(*link);
+    if constexpr (HasOnClose<Handler, Conn>) Handler::on_close(connection, reason);
+  }
+
+  ConnectorLink* reactor_link_;
+};
+
+// A numeric IPv4 or IPv6 address ("127.0.0.1", "::1", "[::1]"), or an empty endpoint: a name.
+inline Endpoint numeric_endpoint(std::string_view host, std::uint16_t port) noexcept {
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
+    host = host.substr(1, host.size() - 2);
+  }
+  if (host.empty() || host.size() >= INET6_ADDRSTRLEN || host == "localhost") return {};
+  char text[INET6_ADDRSTRLEN] = {};
+  std::memcpy(text, host.data(), host.size());
+  in6_addr probe{};
+  if (::inet_pton(AF_INET, text, &probe) != 1 && ::inet_pton(AF_INET6, text, &probe) != 1) {
+    return {};
+  }
+  std::error_code ec;
+  return Endpoint::from_host_port(host, port, ec);
+}
+
+// The order Happy Eyeballs tries addresses in: IPv6 and IPv4 alternating, IPv6 first, each family
+// in the order given (RFC 8305 section 4); other families after them.
+inline std::vector<Endpoint> interleave_families(const std::vector<Endpoint>& addresses) {
+  std::vector<const Endpoint*> v6;
+  std::vector<const Endpoint*> v4;
+  std::vector<Endpoint> ordered;
+  ordered.reserve(addresses.size());
+  for (const Endpoint& a : addresses) {
+    if (a.family() == AF_INET6) v6.push_back(&a);
+    if (a.family() == AF_INET) v4.push_back(&a);
+  }
+  for (std::size_t i = 0; i < std::max(v6.size(), v4.size()); ++i) {
+    if (i < v6.size()) ordered.push_back(*v6[i]);
+    if (i < v4.size()) ordered.push_back(*v4[i]);
+  }
+  for (const Endpoint& a : addresses) {
+    if (a.family() != AF_INET6 && a.family() != AF_INET && !a.empty()) ordered.push_back(a);
+  }
+  return ordered;
+}
+
+}  // namespace detail
+
+template <class Handler, class OnResult, class R = Reactor<>>
+class Connector : private detail::ConnectorLink {
+  using Sys = typename R::syscalls;
+  using Clock = std::chrono::steady_clock;
+
+ public:
+  using handler_type = detail::Dialed<Handler>;
+  using connection_type = Connection<handler_type, R>;
+
+  static_assert(std::is_class_v<Handler> && !std::is_final_v<Handler>,
+                "reactor: a Connector's handler must be a class that is not final (the "
+                "connection's handler derives from it)");
+  static_assert(std::is_copy_constructible_v<Handler>,
+                "reactor: a Connector's handler must be copyable (each connection gets a copy)");
+  static_assert(
+      std::is_invocable_v<OnResult&, connection_type*, std::error_code, const Endpoint&>,
+      "reactor: a Connector's on_result must be callable as "
+      "on_result(Connection* conn, std::error_code ec, const reactor::Endpoint& address)");
+
+  // Idle until connect(). `resolver` (its threads) is used for host names; it must outlive the
+  // connector. Allocates nothing until connect().
+  Connector(R& loop, Handler prototype, OnResult on_result, const ConnectOptions& options = {},
+            Resolver& resolver = Resolver::shared())
+      : ConnectorLink(&on_dropped),
+        loop_(&loop),
+        resolver_(&resolver),
+        prototype_(std::move(prototype)),
+        on_result_(std::move(on_result)),
+        options_(options) {
+    static_assert(check_handler<Handler, connection_type>());
+    options_.attempt_delay = std::max(options_.attempt_delay, std::chrono::milliseconds(10));
+    options_.retry.initial = std::max(options_.retry.initial, std::chrono::milliseconds(1));
+    options_.retry.max = std::max(options_.retry.max, options_.retry.initial);
+    if (!(options_.retry.multiplier >= 1.0)) options_.retry.multiplier = 1.0;  // NaN too
+    rng_ = options_.seed != 0 ? options_.seed
+                              : reinterpret_cast<std::uintptr_t>(this) ^
+                                    static_cast<std::uint64_t>(
+                                        Clock::now().time_since_epoch().count());
+  }
+
+  Connector(const Connector&) = delete;
+  Connector& operator=(const Connector&) = delete;
+
+  // Cancels whatever is in progress (no callback runs after this); closes its sockets and
+  // abandons its lookup at once. An established connection stays open, no longer reconnected.
+  ~Connector() {
+    abandon();
+    untrack();
+    if (destroyed_ != nullptr) *destroyed_ = true;
+  }
+
+  // Starts connecting to `host` (a name, resolved on the resolver's threads; or a numeric IPv4
+  // or IPv6 address, "[::1]" too, which skips the resolver) at `port`. Cancels what was in
+  // progress first; an established connection is left open and no longer tracked. A port outside
+  // 0..65535 or an empty host fails (on_result, invalid_argument) without trying.
+  template <detail::PortInteger Port>
+  void connect(std::string_view host, Port port) {
+    restart();
+    if (host.empty() || !std::in_range<std::uint16_t>(port)) {
+      refuse(std::make_error_code(std::errc::invalid_argument));
+      return;
+    }
+    const auto port16 = static_cast<std::uint16_t>(port);
+    const Endpoint numeric = detail::numeric_endpoint(host, port16);
+    if (numeric.empty()) {
+      host_.assign(host);
+      port_ = port16;
+    } else {
+      targets_.assign(1, numeric);
+    }
+    begin();
+  }
+
+  // Starts connecting to one address (IPv4, IPv6, or a Unix socket).
+  void connect(const Endpoint& endpoint) { connect(std::vector<Endpoint>{endpoint}); }
+
+  // Starts connecting to these addresses, in Happy Eyeballs order.
+  void connect(std::vector<Endpoint> endpoints) {
+    restart();
+    std::erase_if(endpoints, [](const Endpoint& e) { return e.empty(); });
+    if (endpoints.empty()) {
+      refuse(std::make_error_code(std::errc::invalid_argument));
+      return;
+    }
+    targets_ = detail::interleave_families(endpoints);
+    begin();
+  }
+
+  // Stops resolving, connecting or waiting to retry: sockets in flight are closed, a lookup is
+  // abandoned, and no on_result runs afterwards. An established connection stays open but will
+  // not be reconnected. Safe from any callback, on_result included.
+  void cancel() noexcept {
+    ++generation_;
+    reconnect_ = false;
+    abandon();
+    state_ = connection_ != nullptr ? ConnectorState::kConnected : ConnectorState::kIdle;
+  }
+
+  // cancel(), and close() the established connection (flush, then close).
+  void disconnect() noexcept {
+    cancel();
+    if (connection_type* connection = untrack()) connection->close();
+    state_ = ConnectorState::kIdle;
+  }
+
+  ConnectorState state() const noexcept { return state_; }
+
+  // The established connection, or nullptr (valid until its on_close returns).
+  connection_type* connection() const noexcept { return connection_; }
+
+  // The address that won while connected; otherwise the last one tried (empty if none).
+  const Endpoint& address() const noexcept { return address_; }
+
+  // The most recent attempt's error (kept while retrying); empty after a success.
+  std::error_code last_error() const noexcept { return last_error_; }
+
+  // Sockets in flight now (Happy Eyeballs may have several).
+  std::size_t attempts_in_flight() const noexcept { return attempts_.size(); }
+
+ private:
+  // One socket connecting to one address, waiting in the epoll set for EPOLLOUT.
+  struct Attempt : detail::Watcher {
+    Attempt(Connector& connector, const Endpoint& to, Clock::time_point deadline) noexcept
+        : Watcher(&on_attempt_op), owner(&connector), address(to), due(deadline) {}
+    Connector* owner;
+    Endpoint address;
+    Clock::time_point due;
+  };
+
+  // A lookup and who waits for it. `owner` and `generation` are read and written on the loop
+  // thread only; the worker touches LookupRequest's part.
+  struct Lookup : detail::LookupRequest {
+    Connector* owner = nullptr;
+    std::uint64_t generation = 0;
+  };
+
+  static void on_attempt_op(detail::Watcher& watcher, detail::WatcherOp op, std::uint32_t events,
+                            void* /*argument*/) noexcept {
+    if (op != detail::WatcherOp::kEvent) return;
+    auto& attempt = static_cast<Attempt&>(watcher);
+    attempt.owner->attempt_ready(attempt, events);
+  }
+
+  static void on_dropped(ConnectorLink& link) noexcept {
+    static_cast<Connector&>(link).dropped();
+  }
+
+  // Worker thread, under the request's mutex: only queue the result for the loop.
+  static void post_lookup(void* loop, std::shared_ptr<detail::LookupRequest> request) noexcept {
+    try {
+      static_cast<R*>(loop)->post([request = std::move(request)] {
+        auto& lookup = static_cast<Lookup&>(*request);
+        if (lookup.owner != nullptr && lookup.owner->lookup_generation_ == lookup.generation) {
+          lookup.owner->resolved(lookup);
+        }
+      });
+    } catch (...) {
+      // Out of memory for the posted task: the result is lost and resolve_timeout ends the wait.
+    }
+  }
+
+  // connect(): drop what was in progress, and the established connection's link.
+  void restart() noexcept {
+    cancel();
+    untrack();
+    host_.clear();
+    targets_.clear();
+    reconnect_ = options_.reconnect;
+    drops_ = 0;
+  }
+
+  void begin() noexcept {
+    const Clock::time_point now = detail::clock_now<Sys>();
+    deadline_ = options_.deadline.count() > 0 ? detail::saturating_add(now, options_.deadline)
+                                              : Clock::time_point::max();
+    tries_ = 0;
+    start_round(now);
+  }
+
+  // Bad arguments: fail on the next loop iteration, not inside connect().
+  void refuse(std::error_code ec) noexcept {
+    last_error_ = ec;
+    address_ = {};
+    state_ = ConnectorState::kWaiting;
+    refused_ = true;
+    arm_timer(detail::clock_now<Sys>());
+  }
+
+  // A round: resolve (names), then try the addresses. Starts on the next timer expiry, never
+  // inside the call that asked for it, so that on_result never runs inside connect().
+  void start_round(Clock::time_point now) noexcept {
+    ++tries_;
+    if (host_.empty()) {
+      addresses_ = targets_;
+      next_address_ = 0;
+      next_start_ = now;
+      state_ = ConnectorState::kConnecting;
+      arm_timer(now);
+      return;
+    }
+    state_ = ConnectorState::kResolving;
+    resolve_due_ = detail::saturating_add(now, options_.resolve_timeout);
+    try {
+      auto lookup = std::make_shared<Lookup>();
+      lookup->host = host_;
+      lookup->port = port_;
+      lookup->target = loop_;
+      lookup->complete = &post_lookup;
+      lookup->owner = this;
+      lookup->generation = ++lookup_generation_;
+      lookup_ = lookup;
+      resolver_->submit(std::move(lookup));
+    } catch (...) {
+      abandon_lookup();
+      last_error_ = std::make_error_code(std::errc::not_enough_memory);
+      refused_ = true;
+      state_ = ConnectorState::kWaiting;
+      resolve_due_ = now;
+    }
+    arm_timer(now);
+  }
+
+  void resolved(Lookup& lookup) noexcept {
+    const Clock::time_point now = detail::clock_now<Sys>();
+    std::shared_ptr<Lookup> keep = std::move(lookup_);
+    keep->owner = nullptr;
+    if (lookup.error) {
+      last_error_ = lookup.error;
+      address_ = {};
+      round_failed(now);
+      return;
+    }
+    try {
+      addresses_ = detail::interleave_families(lookup.addresses);
+    } catch (...) {
+      addresses_.clear();
+      last_error_ = std::make_error_code(std::errc::not_enough_memory);
+    }
+    next_address_ = 0;
+    state_ = ConnectorState::kConnecting;
+    next_start_ = now;
+    progress(now);
+  }
+
+  // The one timer fired: whatever deadline was due.
+  void on_timer() noexcept {
+    timer_ = {};
+    const Clock::time_point now = detail::clock_now<Sys>();
+    if (now >= deadline_ && state_ != ConnectorState::kIdle &&
+        state_ != ConnectorState::kConnected) {
+      const Endpoint last = attempts_.empty() ? address_ : attempts_.front()->address;
+      fail(std::make_error_code(std::errc::timed_out), last);
+      return;
+    }
+    switch (state_) {
+      case ConnectorState::kResolving:
+        if (now >= resolve_due_) {
+          abandon_lookup();
+          last_error_ = std::make_error_code(std::errc::timed_out);
+          address_ = {};
+          round_failed(now);
+          return;
+        }
+        break;
+      case ConnectorState::kConnecting:
+        for (std::size_t i = 0; i < attempts_.size();) {
+          if (attempts_[i]->due <= now) {
+            close_attempt(i, std::make_error_code(std::errc::timed_out));
+          } else {
+            ++i;
+          }
+        }
+        progress(now);
+        return;
+      case ConnectorState::kWaiting:
+        if (refused_) {
+          refused_ = false;
+          fail(last_error_, address_);
+          return;
+        }
+        if (now >= retry_at_) {
+          start_round(now);
+          return;
+        }
+        break;
+      case ConnectorState::kIdle:
+      case ConnectorState::kConnected:
+        return;
+    }
+    arm_timer(now);
+  }
+
+  // Connecting: start the next address when its time has come (or nothing is in flight), and
+  // end the round when every address failed.
+  void progress(Clock::time_point now) noexcept {
+    while (next_address_ < addresses_.size() && (attempts_.empty() || now >= next_start_)) {
+      const Endpoint& address = addresses_[next_address_++];
+      next_start_ = detail::saturating_add(now, options_.attempt_delay);
+      if (start_attempt(address, now)) return;  // connected at once: the round is over
+    }
+    if (attempts_.empty()) {
+      round_failed(now);
+      return;
+    }
+    arm_timer(now);
+  }
+
+  // Opens a socket and connects it. True when it connected at once (a Unix socket) and won.
+  bool start_attempt(const Endpoint& address, Clock::time_point now) noexcept {
+    address_ = address;
+    const int fd = Sys::socket(address.family(), SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+      last_error_ = detail::last_errno_code();
+      return false;
+    }
+    if (options_.tcp_nodelay && !address.is_unix()) {
+      const int on = 1;
+      Sys::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof on);
+    }
+    if (Sys::connect(fd, address.data(), address.size()) == 0) {
+      win(fd, nullptr, address);
+      return true;
+    }
+    // EINTR: the connect goes on asynchronously, as EINPROGRESS (connect(2)).
+    if (errno != EINPROGRESS && errno != EINTR) {
+      last_error_ = detail::last_errno_code();
+      Sys::close(fd);
+      return false;
+    }
+    std::unique_ptr<Attempt> attempt;
+    try {
+      attempt = std::make_unique<Attempt>(*this, address,
+                                          detail::saturating_add(now, options_.attempt_timeout));
+      attempts_.reserve(attempts_.size() + 1);
+    } catch (...) {
+      last_error_ = std::make_error_code(std::errc::not_enough_memory);
+      Sys::close(fd);
+      return false;
+    }
+    attempt->fd = fd;
+    if (const std::error_code ec = loop_->add(*attempt, EPOLLOUT)) {
+      last_error_ = ec;
+      Sys::close(fd);
+      return false;
+    }
+    attempts_.push_back(std::move(attempt));
+    return false;
+  }
+
+  // EPOLLOUT (or EPOLLERR/EPOLLHUP): the connect is done; SO_ERROR says how.
+  void attempt_ready(Attempt& attempt, std::uint32_t /*events*/) noexcept {
+    int error = 0;
+    socklen_t length = sizeof error;
+    if (Sys::getsockopt(attempt.fd, SOL_SOCKET, SO_ERROR, &error, &length) != 0) error = errno;
+    const auto it = std::find_if(attempts_.begin(), attempts_.end(),
+                                 [&](const auto& a) { return a.get() == &attempt; });
+    const auto index = static_cast<std::size_t>(it - attempts_.begin());
+    if (error == 0) {
+      std::unique_ptr<Attempt> winner = std::move(attempts_[index]);
+      attempts_.erase(attempts_.begin() + static_cast<std::ptrdiff_t>(index));
+      loop_->forget(*winner);  // its fd stays in the set, re-pointed at the connection
+      win(std::exchange(winner->fd, -1), winner.get(), winner->address);
+      return;
+    }
+    close_attempt(index, detail::errno_code(error));
+    // As soon as one fails, the next address starts (RFC 8305 section 5).
+    next_start_ = detail::clock_now<Sys>();
+    progress(next_start_);
+  }
+
+  void close_attempt(std::size_t index, std::error_code reason) noexcept {
+    Attempt& attempt = *attempts_[index];
+    last_error_ = reason;
+    address_ = attempt.address;
+    loop_->remove(attempt);
+    Sys::close(std::exchange(attempt.fd, -1));
+    attempts_.erase(attempts_.begin() + static_cast<std::ptrdiff_t>(index));
+  }
+
+  // `fd` connected to `address`: it becomes the connection; every other attempt is closed.
+  // `in_epoll`: the winning attempt's socket, still in the epoll set.
+  void win(int fd, const Attempt* in_epoll, const Endpoint& address) noexcept {
+    abandon();
+    address_ = address;
+    last_error_ = {};
+    state_ = ConnectorState::kConnected;
+    const std::uint64_t generation = generation_;
+    bool destroyed = false;
+    destroyed_ = &destroyed;
+    std::error_code ec;
+    connection_type* connection = nullptr;
+    try {
+      handler_type handler(prototype_, this);
+      connection = connection_type::open(*loop_, fd, std::move(handler), options_.connection,
+                                         !address.is_unix(), ec, in_epoll != nullptr);
+    } catch (...) {  // copying the prototype threw
+      Sys::close(fd);
+      ec = make_error_code(Error::kHandlerException);
+    }
+    if (destroyed || generation != generation_) {
+      // on_open destroyed the connector, or started it again: the connection is not ours.
+      if (connection != nullptr) connection->handler().reactor_link_ = nullptr;
+      if (!destroyed) destroyed_ = nullptr;
+      return;
+    }
+    destroyed_ = nullptr;
+    if (connection == nullptr) {
+      fail(ec, address);
+      return;
+    }
+    connection_ = connection;
+    connected_at_ = detail::clock_now<Sys>();
+    report(connection, {}, address);
+  }
+
+  void round_failed(Clock::time_point now) noexcept {
+    abandon();
+    const bool more = options_.retry.tries <= 0 || tries_ < options_.retry.tries;
+    if (more && retriable(last_error_)) {
+      retry_at_ = detail::saturating_add(now, backoff(tries_ - 1));
+      if (retry_at_ < deadline_) {
+        state_ = ConnectorState::kWaiting;
+        arm_timer(now);
+        return;
+      }
+    }
+    fail(last_error_, address_);
+  }
+
+  static bool retriable(const std::error_code& ec) noexcept {
+    return ec != std::errc::invalid_argument && ec != std::errc::address_family_not_supported &&
+           ec != Error::kHandlerException;
+  }
+
+  void fail(std::error_code ec, Endpoint address) noexcept {
+    abandon();
+    last_error_ = ec;
+    address_ = address;
+    state_ = connection_ != nullptr ? ConnectorState::kConnected : ConnectorState::kIdle;
+    report(nullptr, ec, address);
+  }
+
+  void report(connection_type* connection, std::error_code ec, const Endpoint& address) noexcept {
+    bool destroyed = false;
+    destroyed_ = &destroyed;
+    try {
+      on_result_(connection, ec, address);
+    } catch (...) {
+      // Nothing to report to; the outcome stands.
+    }
+    if (!destroyed) destroyed_ = nullptr;
+  }
+
+  // The established connection closed (its handler's on_close, before the user's).
+  void dropped() noexcept {
+    connection_ = nullptr;
+    state_ = ConnectorState::kIdle;
+    if (!reconnect_ || loop_->draining()) return;
+    const Clock::time_point now = detail::clock_now<Sys>();
+    if (now - connected_at_ >= options_.retry.max) drops_ = 0;  // it had stayed up: start over
+    retry_at_ = detail::saturating_add(now, backoff(drops_++));
+    deadline_ = options_.deadline.count() > 0
+                    ? detail::saturating_add(retry_at_, options_.deadline)
+                    : Clock::time_point::max();
+    tries_ = 0;
+    state_ = ConnectorState::kWaiting;
+    arm_timer(now);
+  }
+
+  // The wait before retry k: min(max, initial * multiplier^k), less up to half of it at random.
+  Clock::duration backoff(int k) noexcept {
+    const double initial = static_cast<double>(options_.retry.initial.count());
+    const double max = static_cast<double>(options_.retry.max.count());
+    const double full =
+        std::min(max, initial * std::pow(options_.retry.multiplier, std::max(k, 0)));
+    // splitmix64: a few instructions, and deterministic for a given seed.
+    rng_ += 0x9e3779b97f4a7c15ULL;
+    std::uint64_t z = rng_;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    z ^= z >> 31;
+    const double unit = static_cast<double>(z >> 11) * 0x1.0p-53;  // [0, 1)
+    const double ms = full / 2 + unit * (full / 2);
+    return std::chrono::duration_cast<Clock::duration>(
+        std::chrono::duration<double, std::milli>(ms));
+  }
+
+  // Keeps the one timer at the earliest deadline of the current state.
+  void arm_timer(Clock::time_point now) noexcept {
+    Clock::time_point due = Clock::time_point::max();
+    switch (state_) {
+      case ConnectorState::kResolving:
+        due = resolve_due_;
+        break;
+      case ConnectorState::kConnecting:
+        if (next_address_ < addresses_.size()) due = attempts_.empty() ? now : next_start_;
+        for (const auto& attempt : attempts_) due = std::min(due, attempt->due);
+        break;
+      case ConnectorState::kWaiting:
+        due = refused_ ? now : retry_at_;
+        break;
+      case ConnectorState::kIdle:
+      case ConnectorState::kConnected:
+        break;
+    }
+    if (state_ != ConnectorState::kIdle && state_ != ConnectorState::kConnected) {
+      due = std::min(due, deadline_);
+    }
+    if (timer_ && timer_due_ == due) return;
+    if (timer_) loop_->cancel(std::exchange(timer_, TimerId{}));
+    if (due == Clock::time_point::max()) return;
+    try {
+      timer_ = loop_->schedule_at(due, [this] { on_timer(); });
+      timer_due_ = due;
+    } catch (...) {
+      // No memory for a timer: give up now rather than wait for ever.
+      last_error_ = std::make_error_code(std::errc::not_enough_memory);
+      state_ = ConnectorState::kWaiting;
+      refused_ = true;
+    }
+  }
+
+  // Releases everything the current state holds: attempt sockets, the lookup, the timer.
+  void abandon() noexcept {
+    while (!attempts_.empty()) {
+      Attempt& attempt = *attempts_.back();
+      loop_->remove(attempt);
+      Sys::close(std::exchange(attempt.fd, -1));
+      attempts_.pop_back();
+    }
+    abandon_lookup();
+    if (timer_) loop_->cancel(std::exchange(timer_, TimerId{}));
+    refused_ = false;
+  }
+
+  void abandon_lookup() noexcept {
+    if (!lookup_) return;
+    lookup_->abandon();
+    lookup_->owner = nullptr;
+    lookup_.reset();
+  }
+
+  // Forgets the established connection: it stays open, and its close no longer reaches us.
+  connection_type* untrack() noexcept {
+    connection_type* connection = std::exchange(connection_, nullptr);
+    if (connection != nullptr) connection->handler().reactor_link_ = nullptr;
+    if (state_ == ConnectorState::kConnected) state_ = ConnectorState::kIdle;
+    return connection;
+  }
+
+  R* loop_;
+  Resolver* resolver_;
+  Handler prototype_;
+  OnResult on_result_;
+  ConnectOptions options_;
+  ConnectorState state_ = ConnectorState::kIdle;
+  bool reconnect_ = false;
+  bool refused_ = false;  // waiting only to report last_error_ (bad arguments, no memory)
+  // The target: a host name and port, or addresses.
+  std::string host_;
+  std::uint16_t port_ = 0;
+  std::vector<Endpoint> targets_;
+  // This round.
+  std::vector<Endpoint> addresses_;  // in Happy Eyeballs order
+  std::size_t next_address_ = 0;
+  std::vector<std::unique_ptr<Attempt>> attempts_;
+  std::shared_ptr<Lookup> lookup_;
+  std::uint64_t lookup_generation_ = 0;
+  int tries_ = 0;  // rounds started since connect() or the reconnect
+  int drops_ = 0;  // reconnects in a row after short-lived connections
+  Clock::time_point deadline_ = Clock::time_point::max();
+  Clock::time_point resolve_due_{};
+  Clock::time_point next_start_{};
+  Clock::time_point retry_at_{};
+  Clock::time_point connected_at_{};
+  TimerId timer_;
+  Clock::time_point timer_due_{};
+  connection_type* connection_ = nullptr;
+  Endpoint address_;
+  std::error_code last_error_;
+  std::uint64_t generation_ = 0;  // bumped by connect(), cancel(), disconnect()
+  std::uint64_t rng_ = 0;
+  bool* destroyed_ = nullptr;  // set while a user callback runs: the destructor marks it
+};
+
+}  // namespace reactor
