@@ -211,10 +211,10 @@ class Connector : private detail::ConnectorLink {
     options_.retry.initial = std::max(options_.retry.initial, std::chrono::milliseconds(1));
     options_.retry.max = std::max(options_.retry.max, options_.retry.initial);
     if (!(options_.retry.multiplier >= 1.0)) options_.retry.multiplier = 1.0;  // NaN too
-    rng_ = options_.seed != 0 ? options_.seed
-                              : reinterpret_cast<std::uintptr_t>(this) ^
-                                    static_cast<std::uint64_t>(
-                                        Clock::now().time_since_epoch().count());
+    rng_ = options_.seed != 0
+               ? options_.seed
+               : reinterpret_cast<std::uintptr_t>(this) ^
+                     static_cast<std::uint64_t>(Clock::now().time_since_epoch().count());
   }
 
   Connector(const Connector&) = delete;
@@ -320,9 +320,7 @@ class Connector : private detail::ConnectorLink {
     attempt.owner->attempt_ready(attempt, events);
   }
 
-  static void on_dropped(ConnectorLink& link) noexcept {
-    static_cast<Connector&>(link).dropped();
-  }
+  static void on_dropped(ConnectorLink& link) noexcept { static_cast<Connector&>(link).dropped(); }
 
   // Worker thread, under the request's mutex: only queue the result for the loop.
   static void post_lookup(void* loop, std::shared_ptr<detail::LookupRequest> request) noexcept {
@@ -445,6 +443,7 @@ class Connector : private detail::ConnectorLink {
         for (std::size_t i = 0; i < attempts_.size();) {
           if (attempts_[i]->due <= now) {
             close_attempt(i, std::make_error_code(std::errc::timed_out));
+            next_start_ = now;  // a failed attempt starts the next at once
           } else {
             ++i;
           }
@@ -564,25 +563,23 @@ class Connector : private detail::ConnectorLink {
     last_error_ = {};
     state_ = ConnectorState::kConnected;
     const std::uint64_t generation = generation_;
-    bool destroyed = false;
-    destroyed_ = &destroyed;
     std::error_code ec;
     connection_type* connection = nullptr;
-    try {
-      handler_type handler(prototype_, this);
-      connection = connection_type::open(*loop_, fd, std::move(handler), options_.connection,
-                                         !address.is_unix(), ec, in_epoll != nullptr);
-    } catch (...) {  // copying the prototype threw
-      Sys::close(fd);
-      ec = make_error_code(Error::kHandlerException);
-    }
-    if (destroyed || generation != generation_) {
+    const bool alive = call_user([&] {
+      try {
+        handler_type handler(prototype_, this);
+        connection = connection_type::open(*loop_, fd, std::move(handler), options_.connection,
+                                           !address.is_unix(), ec, in_epoll != nullptr);
+      } catch (...) {  // copying the prototype threw
+        Sys::close(fd);
+        ec = make_error_code(Error::kHandlerException);
+      }
+    });
+    if (!alive || generation != generation_) {
       // on_open destroyed the connector, or started it again: the connection is not ours.
       if (connection != nullptr) connection->handler().reactor_link_ = nullptr;
-      if (!destroyed) destroyed_ = nullptr;
       return;
     }
-    destroyed_ = nullptr;
     if (connection == nullptr) {
       fail(ec, address);
       return;
@@ -620,14 +617,27 @@ class Connector : private detail::ConnectorLink {
   }
 
   void report(connection_type* connection, std::error_code ec, const Endpoint& address) noexcept {
+    call_user([&] {
+      try {
+        on_result_(connection, ec, address);
+      } catch (...) {
+        // Nothing to report to; the outcome stands.
+      }
+    });
+  }
+
+  // Runs user code that may destroy this connector; false when it did (touch nothing then).
+  template <class F>
+  bool call_user(F&& f) noexcept {
     bool destroyed = false;
-    destroyed_ = &destroyed;
-    try {
-      on_result_(connection, ec, address);
-    } catch (...) {
-      // Nothing to report to; the outcome stands.
+    bool* const outer = std::exchange(destroyed_, &destroyed);
+    f();
+    if (destroyed) {
+      if (outer != nullptr) *outer = true;
+      return false;
     }
-    if (!destroyed) destroyed_ = nullptr;
+    destroyed_ = outer;
+    return true;
   }
 
   // The established connection closed (its handler's on_close, before the user's).
@@ -638,9 +648,8 @@ class Connector : private detail::ConnectorLink {
     const Clock::time_point now = detail::clock_now<Sys>();
     if (now - connected_at_ >= options_.retry.max) drops_ = 0;  // it had stayed up: start over
     retry_at_ = detail::saturating_add(now, backoff(drops_++));
-    deadline_ = options_.deadline.count() > 0
-                    ? detail::saturating_add(retry_at_, options_.deadline)
-                    : Clock::time_point::max();
+    deadline_ = options_.deadline.count() > 0 ? detail::saturating_add(retry_at_, options_.deadline)
+                                              : Clock::time_point::max();
     tries_ = 0;
     state_ = ConnectorState::kWaiting;
     arm_timer(now);

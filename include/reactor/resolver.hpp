@@ -63,9 +63,8 @@ inline std::error_code make_resolve_error(int eai, int saved_errno) noexcept {
 
 // What a lookup runs on a worker thread: fills `out` with the addresses of `host` (stream sockets,
 // `port` set in each) in the order to try them, or returns why not. Must be thread-safe.
-using LookupFunction =
-    std::function<std::error_code(const std::string& host, std::uint16_t port,
-                                  std::vector<Endpoint>& out)>;
+using LookupFunction = std::function<std::error_code(const std::string& host, std::uint16_t port,
+                                                     std::vector<Endpoint>& out)>;
 
 // The default LookupFunction: getaddrinfo(host, port, {AF_UNSPEC, SOCK_STREAM}), duplicates
 // removed, in the order getaddrinfo sorted them (RFC 6724). No AI_ADDRCONFIG: a family the host

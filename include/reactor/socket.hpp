@@ -1,5 +1,7 @@
-// Public: client-side helpers until the asynchronous Connector exists: a blocking connect() that
-// returns a connected, non-blocking socket ready for adopt(), and set_tcp_nodelay().
+// Public: a blocking connect() that returns a connected, non-blocking socket ready for adopt(),
+// for tools and tests that want one socket before any loop runs. It blocks the calling thread
+// until the connection is made or fails; on a loop thread use Connector (connector.hpp), which
+// does not block, resolves names, and has timeouts and retries.
 #pragma once
 
 #include <netinet/in.h>
