@@ -343,6 +343,7 @@ class Connector : private detail::ConnectorLink {
     host_.clear();
     targets_.clear();
     reconnect_ = options_.reconnect;
+    reconnecting_ = false;
     drops_ = 0;
   }
 
@@ -457,6 +458,11 @@ class Connector : private detail::ConnectorLink {
           return;
         }
         if (now >= retry_at_) {
+          if (reconnecting_ && loop_->draining()) {  // no reconnect during a graceful shutdown
+            abandon();
+            state_ = ConnectorState::kIdle;
+            return;
+          }
           start_round(now);
           return;
         }
@@ -561,6 +567,7 @@ class Connector : private detail::ConnectorLink {
     abandon();
     address_ = address;
     last_error_ = {};
+    reconnecting_ = false;
     state_ = ConnectorState::kConnected;
     const std::uint64_t generation = generation_;
     std::error_code ec;
@@ -651,6 +658,7 @@ class Connector : private detail::ConnectorLink {
     deadline_ = options_.deadline.count() > 0 ? detail::saturating_add(retry_at_, options_.deadline)
                                               : Clock::time_point::max();
     tries_ = 0;
+    reconnecting_ = true;
     state_ = ConnectorState::kWaiting;
     arm_timer(now);
   }
@@ -743,6 +751,7 @@ class Connector : private detail::ConnectorLink {
   ConnectOptions options_;
   ConnectorState state_ = ConnectorState::kIdle;
   bool reconnect_ = false;
+  bool reconnecting_ = false;  // this connect started from a dropped connection, not connect()
   bool refused_ = false;  // waiting only to report last_error_ (bad arguments, no memory)
   // The target: a host name and port, or addresses.
   std::string host_;

@@ -1273,6 +1273,99 @@ TEST_CASE("the simulated SYN that finds the accept queue full waits until accept
   CHECK(outcome(world.peer_recv(stuck)) == "-1 ECONNREFUSED");
 }
 
+// A non-blocking connect of the process whose SYN finds the accept queue full: the model keeps
+// the SYN waiting where Linux drops it and retransmits it a second later, but both worlds agree on
+// what is seen. The connecting socket reports nothing while in SYN_SENT and EPOLLOUT (an edge)
+// once established; one closed while its SYN waits never reaches the listener (tcp_close in
+// SYN_SENT sends nothing and stops the retransmissions). On Linux this takes about a second (the
+// retransmission); the model had kept the closed socket's SYN, accepted later with a FIN, and had
+// never woken the connecting socket when its SYN got in.
+TEMPLATE_TEST_CASE(
+    "a connect whose SYN found the accept queue full completes once accept makes room and one "
+    "closed meanwhile never arrives",
+    "[sim][listen]", LinuxWorld, SimWorld) {
+  TestType world;
+  const Listener listener = world.listen(1);  // holds two
+  const auto first = world.peer_connect(listener.port);
+  const auto second = world.peer_connect(listener.port);
+  world.await_established(first);
+  world.await_established(second);
+  const int kept = world.socket();
+  const int closed = world.socket();
+  const int ep = world.epoll();
+  world.watch(ep, kept, EPOLLOUT | EPOLLET);
+  CHECK(outcome(world.connect(kept, listener.port)) == "-1 EINPROGRESS");
+  CHECK(outcome(world.connect(closed, listener.port)) == "-1 EINPROGRESS");
+  CHECK(world.wait(ep, 100) == "none");  // SYN_SENT: tcp_poll reports nothing
+  if constexpr (TestType::kSimulated) CHECK(world.kernel.waiting_syns(listener.port) == 2);
+  REQUIRE(world.close(closed) == 0);
+  if constexpr (TestType::kSimulated) CHECK(world.kernel.waiting_syns(listener.port) == 1);
+
+  CHECK(world.accept(listener.fd).result >= 0);
+  CHECK(world.accept(listener.fd).result >= 0);
+  CHECK(world.wait(ep, 3 * kReadyMs) == "OUT");  // Linux: at the retransmission; the sim: now
+  CHECK(world.so_error(kept) == 0);
+  world.await_readable(listener.fd);
+  const Io accepted = world.accept(listener.fd);
+  REQUIRE(accepted.result >= 0);
+  const int server = static_cast<int>(accepted.result);
+  CHECK(outcome(world.send(kept, "k")) == "1");
+  world.await_readable(server);
+  CHECK(outcome(world.read(server)) == "1 \"k\"");
+
+  // The closed socket's SYN would have been sent again with kept's: nothing comes.
+  const int ep_listener = world.epoll();
+  world.watch(ep_listener, listener.fd, EPOLLIN);
+  CHECK(world.wait(ep_listener, 500) == "none");
+  CHECK(outcome(world.accept(listener.fd)) == "-1 EAGAIN");
+  if constexpr (TestType::kSimulated) {
+    CHECK(world.kernel.waiting_syns(listener.port) == 0);
+    CHECK(world.kernel.queued_connections(listener.port) == 0);
+  }
+}
+
+// A fault chooser's EINTR or EINPROGRESS from connect() stands for an attempt that goes on without
+// the caller (connect(2)): the simulated connect starts first, as FaultScript's does on the real
+// kernel; any other injected errno fails the call before it does anything. (Linux never says
+// EINTR to a non-blocking connect, so there is no loopback side to this case.)
+TEST_CASE("an EINTR or EINPROGRESS injected into a simulated connect starts the connect first",
+          "[sim][listen]") {
+  SimWorld world;
+  const Listener listener = world.listen();
+  int inject = 0;
+  world.kernel.set_faults([&](sim::Op op, int) {
+    return op == sim::Op::kConnect ? sim::Fault{std::exchange(inject, 0)} : sim::Fault{};
+  });
+  for (const int error : {EINTR, EINPROGRESS}) {
+    CAPTURE(error);
+    const int client = world.socket();
+    const int ep = world.epoll();
+    world.watch(ep, client, EPOLLOUT);
+    inject = error;
+    CHECK(world.connect(client, listener.port).error == error);
+    CHECK(world.wait(ep, 0) == "OUT");
+    CHECK(world.so_error(client) == 0);
+    CHECK(world.accept(listener.fd).result >= 0);
+    CHECK(outcome(world.connect(client, listener.port)) == "0");
+    CHECK(outcome(world.connect(client, listener.port)) == "-1 EISCONN");
+  }
+  // Refused, after an EINTR: SO_ERROR says so.
+  const Listener gone = world.listen();
+  REQUIRE(world.close(gone.fd) == 0);
+  const int refused = world.socket();
+  inject = EINTR;
+  CHECK(outcome(world.connect(refused, gone.port)) == "-1 errno " + std::to_string(EINTR));
+  CHECK(errno_name(world.so_error(refused)) == "ECONNREFUSED");
+  // Any other errno: nothing was sent, and the socket can still connect.
+  const int fresh = world.socket();
+  inject = ENETUNREACH;
+  CHECK(world.connect(fresh, listener.port).error == ENETUNREACH);
+  CHECK(world.kernel.queued_connections(listener.port) == 0);
+  CHECK(world.kernel.connect_calls().back().error == ENETUNREACH);
+  CHECK(outcome(world.connect(fresh, listener.port)) == "-1 EINPROGRESS");
+  CHECK(world.kernel.queued_connections(listener.port) == 1);
+}
+
 TEMPLATE_TEST_CASE("closing a listener resets the connections still in its accept queue",
                    "[sim][listen]", LinuxWorld, SimWorld) {
   TestType world;

@@ -11,7 +11,8 @@
 // virtual clock), signalfd; and epoll with Linux's level/edge rules. Peers outside the process are
 // "remote ends" the test drives through Kernel (connect, send, recv, shutdown, close, reset); they
 // hold no fd. Faults: a chooser the test installs can fail any call with any errno or cut a
-// transfer short.
+// transfer short (an EINTR or EINPROGRESS given to connect() starts the connect first, as the
+// kernel does: the attempt goes on without the caller).
 //
 // Why tests/support and not a public reactor/testing/ header: the model is shaped by what the
 // library calls today and by what the scenario fuzzer checks, and it will change with every
@@ -25,9 +26,12 @@
 //     loopback, minus the ACK clock), and EPOLLOUT is reported while the send queue is at most 2/3
 //     full (tcp_poll's sk_stream_min_wspace rule); no Nagle, no delayed ACK, no window scaling;
 //   - a SYN that finds the accept queue full waits, and is queued as soon as accept() makes room
-//     (Linux retransmits it after 1 s, 3 s, ...); a listener that closes refuses the SYNs waiting
-//     for it, unless it was one of a SO_REUSEPORT group, whose other members then get them
-//     (Linux: the retransmitted SYN is hashed over what is left of the group);
+//     (Linux retransmits it after 1 s, 3 s, ...), and a connecting socket of the process is
+//     writable from then on; a listener that closes refuses the SYNs waiting for it, unless it was
+//     one of a SO_REUSEPORT group, whose other members then get them (Linux: the retransmitted SYN
+//     is hashed over what is left of the group). As on Linux, a connecting socket closed while its
+//     SYN waits is forgotten: nothing reaches the listener later (tcp_close in SYN_SENT sends
+//     nothing and stops the retransmissions);
 //   - SO_REUSEPORT: listeners bound to one port with it form a group in listen() order, and each
 //     SYN goes to the member that reciprocal_scale(hash, members) picks, as reuseport_select_sock
 //     does, but the hash is a fixed mix of the two ports (Linux: a jhash of addresses and ports
@@ -325,6 +329,40 @@ class Kernel {
   bool fd_open(int fd) const {
     return fd >= 0 && static_cast<std::size_t>(fd) < table_.size() && table_[fd] != nullptr;
   }
+  // A connect() the process made: when, on which fd, to which family and port, and how it ended
+  // (0, or its errno: EINPROGRESS for a non-blocking connect that goes on).
+  struct ConnectCall {
+    TimePoint at;
+    int fd;
+    int family;
+    std::uint16_t port;
+    int error;
+  };
+  // Every connect() so far, oldest first.
+  const std::vector<ConnectCall>& connect_calls() const noexcept { return connect_calls_; }
+  // SYNs waiting for room in the accept queue of the listeners bound to `port` in `family`.
+  std::size_t waiting_syns(std::uint16_t port, int family = AF_INET) const {
+    std::size_t n = 0;
+    for (const auto& f : table_) {
+      if (f && f->kind == FileKind::kSocket && f->listening && f->port == port &&
+          f->domain == family) {
+        n += f->syn_queue.size();
+      }
+    }
+    return n;
+  }
+  // Connections in the accept queues of the listeners bound to `port` in `family`.
+  std::size_t queued_connections(std::uint16_t port, int family = AF_INET) const {
+    std::size_t n = 0;
+    for (const auto& f : table_) {
+      if (f && f->kind == FileKind::kSocket && f->listening && f->port == port &&
+          f->domain == family) {
+        n += f->accept_queue.size();
+      }
+    }
+    return n;
+  }
+
   // A hash of every call, its arguments and results, and the clock: equal for equal runs.
   std::uint64_t trace_hash() const noexcept { return hash_; }
   std::uint64_t calls() const noexcept { return calls_; }
@@ -621,8 +659,34 @@ class Kernel {
     return result;
   }
 
-  int sys_connect(int fd, const sockaddr* address, socklen_t /*length*/) {
-    if (const int e = fault(Op::kConnect, fd).error) return fail_errno(e);
+  int sys_connect(int fd, const sockaddr* address, socklen_t length) {
+    const int result = connect_socket(fd, address, length);
+    const int error = result < 0 ? errno : 0;
+    std::uint16_t port = 0;
+    if (address->sa_family == AF_INET) {
+      port = ntohs(reinterpret_cast<const sockaddr_in*>(address)->sin_port);
+    } else if (address->sa_family == AF_INET6) {
+      port = ntohs(reinterpret_cast<const sockaddr_in6*>(address)->sin6_port);
+    }
+    connect_calls_.push_back({now_, fd, address->sa_family, port, error});
+    errno = error;
+    return result;
+  }
+
+  // EINTR and EINPROGRESS mean the connection attempt goes on without the caller (connect(2)), so
+  // an injected one of those starts the connect first and then reports the error, as
+  // tests/support/fault_syscalls.hpp does on the real kernel; any other injected error fails the
+  // call before it does anything.
+  int connect_socket(int fd, const sockaddr* address, socklen_t length) {
+    const int injected = fault(Op::kConnect, fd).error;
+    if (injected == 0) return start_connect(fd, address, length);
+    if (injected == EINTR || injected == EINPROGRESS) {
+      if (start_connect(fd, address, length) != 0 && errno != EINPROGRESS) return -1;
+    }
+    return fail_errno(injected);
+  }
+
+  int start_connect(int fd, const sockaddr* address, socklen_t /*length*/) {
     if (!is(fd, FileKind::kSocket)) return fail_errno(fd_open(fd) ? ENOTSOCK : EBADF);
     File& f = *table_[fd];
     if (f.connect_pending) {  // a non-blocking connect: its outcome is reported once
@@ -1064,7 +1128,11 @@ class Kernel {
         Stream& s = *streams_[f.stream];
         s.end[f.side].fd = -1;
         s.end[f.side].linger_zero = f.linger_zero;
-        end_close(s, f.side);
+        if (s.syn_waiting) {
+          drop_syn(f.stream);  // SYN_SENT: closed with nothing sent (tcp_close_state -> TCP_CLOSE)
+        } else {
+          end_close(s, f.side);
+        }
       }
     }
     table_[fd].reset();
@@ -1124,10 +1192,14 @@ class Kernel {
 
   void enqueue_accept(File& listener, PeerId id) {
     Stream& s = *streams_[id];
+    const bool waited = s.syn_waiting;
     s.syn_waiting = false;
     s.listener_fd = listener.fd;
     listener.accept_queue.push_back(id);
     wake(listener, EPOLLIN);
+    // A connecting socket of the process that waited in SYN_SENT is established now:
+    // tcp_finish_connect's sk_state_change wakes every waiter (EPOLLOUT from now on).
+    if (waited) notify(s.end[kRemote], 0);
   }
 
   void promote_syn(File& listener) {
@@ -1213,8 +1285,7 @@ class Kernel {
     for (const PeerId id : listener.syn_queue) {
       Stream& s = *streams_[id];
       if (File* other = find_listener(listener.port, listener.domain, s.end[kRemote].port)) {
-        s.syn_waiting = false;
-        route_syn(*other, id);
+        route_syn(*other, id);  // still waiting: enqueue_accept wakes a connecting socket
         continue;
       }
       s.syn_waiting = false;
@@ -1684,6 +1755,7 @@ class Kernel {
   std::uint64_t progress_marks_ = 0;
   std::map<std::pair<int, std::uint16_t>, std::vector<int>> reuse_groups_;  // (family, port)
   std::uint64_t calls_ = 0;
+  std::vector<ConnectCall> connect_calls_;
   bool tracing_ = std::getenv("REACTOR_SIM_TRACE") != nullptr;
   bool keep_recent_ = true;
   std::uint64_t note_ = 0;
