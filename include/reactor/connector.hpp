@@ -23,8 +23,10 @@
 // null; ec says what failed: an error in resolve_category() for the lookup, timed_out,
 // connection_refused, network_unreachable, host_unreachable, ...; address the last one tried,
 // empty when no address was reached). After cancel(), disconnect() or the destructor no
-// on_result runs. It may destroy the Connector, or call connect(), cancel() or disconnect().
-// Exceptions from it are dropped.
+// on_result runs. It may destroy the Connector, or call connect(), cancel() or disconnect(), and
+// so may the handler's hooks; inside the new connection's on_open, which runs before on_result,
+// connection() is already set (and if on_open calls one of them, or destroys the connector, no
+// on_result follows). Exceptions from on_result are dropped.
 //
 // Handler: as for any Connection (concepts.hpp), with hooks taking the connection as `auto&`
 // (its type is connection_type). It must be copyable (each connection gets a copy of the
@@ -118,16 +120,26 @@ namespace detail {
 
 // How a connection made by a connector tells it that it closed.
 struct ConnectorLink {
+  using Opened = void (*)(ConnectorLink& link, void* connection) noexcept;
   using Dropped = void (*)(ConnectorLink& link) noexcept;
-  explicit ConnectorLink(Dropped function) noexcept : dropped(function) {}
+  ConnectorLink(Opened on_opened, Dropped on_dropped) noexcept
+      : opened(on_opened), dropped(on_dropped) {}
+  Opened opened;
   Dropped dropped;
 };
 
-// The handler of a connection made by a connector: the user's, plus a link back that on_close
-// follows first (so that the user's on_close may destroy the connector).
+// The handler of a connection made by a connector: the user's, plus a link back that on_open and
+// on_close follow first (so the connector knows its connection inside the user's on_open, and the
+// user's on_close may destroy the connector).
 template <class Handler>
 struct Dialed : Handler {
   Dialed(const Handler& prototype, ConnectorLink* link) : Handler(prototype), reactor_link_(link) {}
+
+  template <class Conn>
+  void on_open(Conn& connection) {
+    if (reactor_link_ != nullptr) reactor_link_->opened(*reactor_link_, &connection);
+    if constexpr (HasOnOpen<Handler, Conn>) Handler::on_open(connection);
+  }
 
   template <class Conn>
   void on_close(Conn& connection, std::error_code reason) {
@@ -200,7 +212,7 @@ class Connector : private detail::ConnectorLink {
   // connector. Allocates nothing until connect().
   Connector(R& loop, Handler prototype, OnResult on_result, const ConnectOptions& options = {},
             Resolver& resolver = Resolver::shared())
-      : ConnectorLink(&on_dropped),
+      : ConnectorLink(&on_opened, &on_dropped),
         loop_(&loop),
         resolver_(&resolver),
         prototype_(std::move(prototype)),
@@ -320,6 +332,12 @@ class Connector : private detail::ConnectorLink {
     attempt.owner->attempt_ready(attempt, events);
   }
 
+  static void on_opened(ConnectorLink& link, void* connection) noexcept {
+    auto& self = static_cast<Connector&>(link);
+    self.connection_ = static_cast<connection_type*>(connection);
+    self.connected_at_ = detail::clock_now<Sys>();
+  }
+
   static void on_dropped(ConnectorLink& link) noexcept { static_cast<Connector&>(link).dropped(); }
 
   // Worker thread, under the request's mutex: only queue the result for the loop.
@@ -345,6 +363,7 @@ class Connector : private detail::ConnectorLink {
     reconnect_ = options_.reconnect;
     reconnecting_ = false;
     drops_ = 0;
+    deadline_ = Clock::time_point::max();
   }
 
   void begin() noexcept {
@@ -478,7 +497,7 @@ class Connector : private detail::ConnectorLink {
   // end the round when every address failed.
   void progress(Clock::time_point now) noexcept {
     while (next_address_ < addresses_.size() && (attempts_.empty() || now >= next_start_)) {
-      const Endpoint& address = addresses_[next_address_++];
+      const Endpoint address = addresses_[next_address_++];  // a copy: callbacks may free them
       next_start_ = detail::saturating_add(now, options_.attempt_delay);
       if (start_attempt(address, now)) return;  // connected at once: the round is over
     }
@@ -563,7 +582,7 @@ class Connector : private detail::ConnectorLink {
 
   // `fd` connected to `address`: it becomes the connection; every other attempt is closed.
   // `in_epoll`: the winning attempt's socket, still in the epoll set.
-  void win(int fd, const Attempt* in_epoll, const Endpoint& address) noexcept {
+  void win(int fd, const Attempt* in_epoll, Endpoint address) noexcept {
     abandon();
     address_ = address;
     last_error_ = {};
@@ -582,17 +601,13 @@ class Connector : private detail::ConnectorLink {
         ec = make_error_code(Error::kHandlerException);
       }
     });
-    if (!alive || generation != generation_) {
-      // on_open destroyed the connector, or started it again: the connection is not ours.
-      if (connection != nullptr) connection->handler().reactor_link_ = nullptr;
-      return;
-    }
+    // on_open destroyed the connector, or called connect(), cancel() or disconnect(), which
+    // dealt with the connection (on_opened had made it ours): no on_result.
+    if (!alive || generation != generation_) return;
     if (connection == nullptr) {
       fail(ec, address);
       return;
     }
-    connection_ = connection;
-    connected_at_ = detail::clock_now<Sys>();
     report(connection, {}, address);
   }
 
@@ -752,7 +767,7 @@ class Connector : private detail::ConnectorLink {
   ConnectorState state_ = ConnectorState::kIdle;
   bool reconnect_ = false;
   bool reconnecting_ = false;  // this connect started from a dropped connection, not connect()
-  bool refused_ = false;  // waiting only to report last_error_ (bad arguments, no memory)
+  bool refused_ = false;       // waiting only to report last_error_ (bad arguments, no memory)
   // The target: a host name and port, or addresses.
   std::string host_;
   std::uint16_t port_ = 0;

@@ -914,6 +914,10 @@ TEMPLATE_TEST_CASE("cancel or destroy while the SYN waits closes the socket and 
     world.run_for(10s);
     CHECK(world.results.outcomes.empty());
     CHECK(world.calls().size() == 1);
+    if (!destroy) {
+      CHECK(dialer->state() == ConnectorState::kIdle);
+      CHECK(dialer->connection() == nullptr);
+    }
     CHECK(World<TestType>::accept(listener) >= 0);  // the filler, and nothing else
     CHECK(World<TestType>::accept(listener) == -1);
     CHECK(world.client.opened.empty());
@@ -948,6 +952,10 @@ TEMPLATE_TEST_CASE("cancel or destroy while waiting to retry stops the timer and
     world.run_for(10s);
     CHECK(world.results.outcomes.empty());
     CHECK(world.calls().size() == 1);
+    if (!destroy) {
+      CHECK(dialer->state() == ConnectorState::kIdle);
+      CHECK(dialer->connection() == nullptr);
+    }
   }
 }
 
@@ -1062,9 +1070,9 @@ TEMPLATE_TEST_CASE(
     };
     dialer->connect(ep("127.0.0.1:7940"));
     REQUIRE(world.run_until([&] { return world.client.opened.size() == 1; }));
-    if (!destroy) {
-      CHECK(dialer->state() == ConnectorState::kIdle);
-      CHECK(dialer->connection() == nullptr);
+    if (!destroy) {  // cancel() while connected: the connection stays tracked, not reconnected
+      CHECK(dialer->state() == ConnectorState::kConnected);
+      CHECK(dialer->connection() != nullptr);
       CHECK(dialer->attempts_in_flight() == 0);
     }
     CHECK(world.loop.pending_timers() == 0);
@@ -1079,6 +1087,10 @@ TEMPLATE_TEST_CASE(
     world.run_for(10s);
     CHECK(world.results.outcomes.empty());
     CHECK(world.calls().size() == 1);
+    if (!destroy) {
+      CHECK(dialer->state() == ConnectorState::kIdle);
+      CHECK(dialer->connection() == nullptr);
+    }
     CHECK(world.loop.pending_timers() == 0);
     CHECK(world.kernel.open_fds() == fds);
   }
