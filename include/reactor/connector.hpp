@@ -19,7 +19,8 @@
 // sockets, waiting nothing but the timer; the one timer serves whichever deadline is earliest.
 //
 // Callbacks: on_result(conn, ec, address) runs on the loop thread, never from inside connect(),
-// once per outcome: a connection (conn set, ec empty, address the one that won) or a failure (conn
+// once per outcome: a connection (conn set, ec empty, address the one that won; the connection
+// may already be closing if its on_open closed it or threw) or a failure (conn
 // null; ec says what failed: an error in resolve_category() for the lookup, timed_out,
 // connection_refused, network_unreachable, host_unreachable, ...; address the last one tried,
 // empty when no address was reached). After cancel(), disconnect() or the destructor no
@@ -49,6 +50,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -83,20 +85,24 @@ struct RetryOptions {
   int tries = 1;
   // Wait before the k-th retry (k from 0): min(max, initial * multiplier^k), then a random part
   // of it taken off (equal jitter: uniform in [d/2, d]), so that clients cut off together do not
-  // come back together. At least 1 ms.
+  // come back together. Both durations are kept within [1 ms, 365 days]; a multiplier below 1 (or
+  // NaN) counts as 1.
   std::chrono::milliseconds initial{100};
   std::chrono::milliseconds max{10000};
   double multiplier = 2.0;
 };
 
 struct ConnectOptions {
+  // Durations of zero (or less) mean none, as in ConnectionOptions.
   // A host name lookup that takes longer is abandoned (its late result dropped); the round fails
   // with timed_out and an empty address.
   std::chrono::milliseconds resolve_timeout{5000};
   // One socket's connect that takes longer is closed (timed_out), and the next address is tried.
   std::chrono::milliseconds attempt_timeout{5000};
-  // Everything — every round, lookup, attempt and backoff — ends by then (timed_out); zero: no
-  // overall deadline. Counted from connect(), or from a reconnect's start.
+  // The whole connect — every round, lookup, attempt and backoff — ends by then: timed_out if it
+  // is still resolving or connecting; and a retry that would start after it is not waited for
+  // (the connect fails at once with the last round's error). Counted from connect(), or from a
+  // reconnect's start.
   std::chrono::milliseconds deadline{0};
   // Happy Eyeballs: with several addresses (IPv6 and IPv4 interleaved, IPv6 first), the next
   // attempt starts this long after the previous one began, or as soon as one fails; the first to
@@ -105,8 +111,10 @@ struct ConnectOptions {
   RetryOptions retry{};
   // When the established connection closes (for any reason, the handler's own close() included),
   // connect again after retry.initial (growing, as retries do, while connections keep dropping
-  // within retry.max of opening). Not during the reactor's graceful shutdown, nor after cancel()
-  // or disconnect().
+  // within retry.max of opening), and keep retrying, with backoff, until connected: retry.tries
+  // does not limit a reconnect; `deadline` does, when set (then on_result reports the failure).
+  // Not during the reactor's graceful shutdown (a reconnect due then is dropped), nor after
+  // cancel() or disconnect(). A graceful shutdown does not wait for a connect in progress.
   bool reconnect = false;
   // TCP_NODELAY on TCP sockets, set before connecting.
   bool tcp_nodelay = true;
@@ -218,10 +226,17 @@ class Connector : private detail::ConnectorLink {
         prototype_(std::move(prototype)),
         on_result_(std::move(on_result)),
         options_(options) {
+    static_assert(ConnectionHandler<Handler, connection_type>,
+                  "reactor: a Connector's handler must define on_data(auto& conn, "
+                  "std::string_view); its hooks take the connection as auto& (its type is "
+                  "Connector::connection_type, not Connection<Handler>)");
     static_assert(check_handler<Handler, connection_type>());
-    options_.attempt_delay = std::max(options_.attempt_delay, std::chrono::milliseconds(10));
-    options_.retry.initial = std::max(options_.retry.initial, std::chrono::milliseconds(1));
-    options_.retry.max = std::max(options_.retry.max, options_.retry.initial);
+    constexpr std::chrono::milliseconds kShortest(1);
+    constexpr std::chrono::milliseconds kLongest = std::chrono::hours(24 * 365);
+    options_.attempt_delay =
+        std::clamp(options_.attempt_delay, std::chrono::milliseconds(10), kLongest);
+    options_.retry.initial = std::clamp(options_.retry.initial, kShortest, kLongest);
+    options_.retry.max = std::clamp(options_.retry.max, options_.retry.initial, kLongest);
     if (!(options_.retry.multiplier >= 1.0)) options_.retry.multiplier = 1.0;  // NaN too
     rng_ = options_.seed != 0
                ? options_.seed
@@ -247,7 +262,8 @@ class Connector : private detail::ConnectorLink {
   template <detail::PortInteger Port>
   void connect(std::string_view host, Port port) {
     restart();
-    if (host.empty() || !std::in_range<std::uint16_t>(port)) {
+    if (host.empty() || host.find('\0') != std::string_view::npos ||
+        !std::in_range<std::uint16_t>(port)) {
       refuse(std::make_error_code(std::errc::invalid_argument));
       return;
     }
@@ -364,12 +380,13 @@ class Connector : private detail::ConnectorLink {
     reconnecting_ = false;
     drops_ = 0;
     deadline_ = Clock::time_point::max();
+    last_error_ = {};
+    address_ = {};
   }
 
   void begin() noexcept {
     const Clock::time_point now = detail::clock_now<Sys>();
-    deadline_ = options_.deadline.count() > 0 ? detail::saturating_add(now, options_.deadline)
-                                              : Clock::time_point::max();
+    deadline_ = after(now, options_.deadline);
     tries_ = 0;
     start_round(now);
   }
@@ -386,7 +403,7 @@ class Connector : private detail::ConnectorLink {
   // A round: resolve (names), then try the addresses. Starts on the next timer expiry, never
   // inside the call that asked for it, so that on_result never runs inside connect().
   void start_round(Clock::time_point now) noexcept {
-    ++tries_;
+    if (tries_ < std::numeric_limits<int>::max()) ++tries_;
     if (host_.empty()) {
       addresses_ = targets_;
       next_address_ = 0;
@@ -396,7 +413,7 @@ class Connector : private detail::ConnectorLink {
       return;
     }
     state_ = ConnectorState::kResolving;
-    resolve_due_ = detail::saturating_add(now, options_.resolve_timeout);
+    resolve_due_ = after(now, options_.resolve_timeout);
     try {
       auto lookup = std::make_shared<Lookup>();
       lookup->host = host_;
@@ -429,6 +446,7 @@ class Connector : private detail::ConnectorLink {
     }
     try {
       addresses_ = detail::interleave_families(lookup.addresses);
+      if (addresses_.empty()) last_error_ = {EAI_NONAME, resolve_category()};  // only empty ones
     } catch (...) {
       addresses_.clear();
       last_error_ = std::make_error_code(std::errc::not_enough_memory);
@@ -532,8 +550,7 @@ class Connector : private detail::ConnectorLink {
     }
     std::unique_ptr<Attempt> attempt;
     try {
-      attempt = std::make_unique<Attempt>(*this, address,
-                                          detail::saturating_add(now, options_.attempt_timeout));
+      attempt = std::make_unique<Attempt>(*this, address, after(now, options_.attempt_timeout));
       attempts_.reserve(attempts_.size() + 1);
     } catch (...) {
       last_error_ = std::make_error_code(std::errc::not_enough_memory);
@@ -613,7 +630,7 @@ class Connector : private detail::ConnectorLink {
 
   void round_failed(Clock::time_point now) noexcept {
     abandon();
-    const bool more = options_.retry.tries <= 0 || tries_ < options_.retry.tries;
+    const bool more = reconnecting_ || options_.retry.tries <= 0 || tries_ < options_.retry.tries;
     if (more && retriable(last_error_)) {
       retry_at_ = detail::saturating_add(now, backoff(tries_ - 1));
       if (retry_at_ < deadline_) {
@@ -632,6 +649,7 @@ class Connector : private detail::ConnectorLink {
 
   void fail(std::error_code ec, Endpoint address) noexcept {
     abandon();
+    if (!ec) ec = std::make_error_code(std::errc::not_connected);  // never a failure without why
     last_error_ = ec;
     address_ = address;
     state_ = connection_ != nullptr ? ConnectorState::kConnected : ConnectorState::kIdle;
@@ -669,13 +687,19 @@ class Connector : private detail::ConnectorLink {
     if (!reconnect_ || loop_->draining()) return;
     const Clock::time_point now = detail::clock_now<Sys>();
     if (now - connected_at_ >= options_.retry.max) drops_ = 0;  // it had stayed up: start over
-    retry_at_ = detail::saturating_add(now, backoff(drops_++));
-    deadline_ = options_.deadline.count() > 0 ? detail::saturating_add(retry_at_, options_.deadline)
-                                              : Clock::time_point::max();
+    retry_at_ = detail::saturating_add(now, backoff(drops_));
+    if (drops_ < std::numeric_limits<int>::max()) ++drops_;
+    deadline_ = after(retry_at_, options_.deadline);
     tries_ = 0;
     reconnecting_ = true;
     state_ = ConnectorState::kWaiting;
     arm_timer(now);
+  }
+
+  // now + timeout, or never for a timeout of zero or less.
+  static Clock::time_point after(Clock::time_point now,
+                                 std::chrono::milliseconds timeout) noexcept {
+    return timeout.count() > 0 ? detail::saturating_add(now, timeout) : Clock::time_point::max();
   }
 
   // The wait before retry k: min(max, initial * multiplier^k), less up to half of it at random.

@@ -131,6 +131,7 @@ struct ResolverState {
   std::deque<std::shared_ptr<LookupRequest>> queue;
   unsigned running = 0;  // workers started and not yet exited
   unsigned max_threads = 1;
+  std::size_t sweep_at = 64;  // queue length at which submit() drops abandoned requests
   LookupFunction lookup;
   std::condition_variable idle;  // notified when `running` drops to 0
 };
@@ -182,6 +183,13 @@ class Resolver {
   // (through its complete(), which posts). Any thread.
   void submit(std::shared_ptr<detail::LookupRequest> request) {
     std::unique_lock lock(state_->mutex);
+    // Abandoned requests wait in the queue until a worker skips them; while every worker hangs in
+    // a lookup, drop them here instead, whenever the queue has doubled since the last sweep (so
+    // the sweeps cost O(1) per request, amortized).
+    if (state_->queue.size() >= state_->sweep_at) {
+      std::erase_if(state_->queue, [](const auto& queued) { return queued->abandoned(); });
+      state_->sweep_at = std::max<std::size_t>(64, 2 * state_->queue.size());
+    }
     state_->queue.push_back(request);
     if (state_->running >= state_->max_threads) return;
     ++state_->running;
