@@ -1,13 +1,21 @@
 // echo_load: a load client for echo_server, written with reactor. Every connection keeps DEPTH
 // messages of SIZE bytes in flight, verifies every echoed byte and measures round-trip latency.
 //
-//   echo_load [--host ADDR] --port N [--unix PATH] --conns N --size BYTES [--depth D] --seconds T
+//   echo_load [--host HOST] --port N [--unix PATH] --conns N --size BYTES [--depth D] --seconds T
+//             [--connect-timeout MS]
 //
-// --host defaults to 127.0.0.1, --depth to 1; --unix replaces --host/--port. Prints one progress
-// line per second and a final line starting with "summary:". Exits 0 when every byte came back
-// intact, 1 on a mismatch or any connection error (connect failure, reset, unexpected close, an
-// echo that does not come back within 5 s of the end), 2 on bad usage. SIGINT/SIGTERM end the run
-// early.
+// --host defaults to 127.0.0.1, --depth to 1, --connect-timeout to 5000; --unix replaces
+// --host/--port. HOST is a numeric address (127.0.0.1, ::1, [::1]) or a name such as localhost,
+// which each connection's reactor::Connector resolves on the resolver's worker threads. The
+// connections are opened concurrently (up to 1000 connects in flight), without blocking the loop;
+// each must be established within MS milliseconds of its start (lookup included), and the measured
+// run starts once all of them are. The first connect that fails (refused, timed out, the name not
+// resolved) is reported on stderr in one line, "echo_load: connect to ADDRESS (connection I):
+// REASON" or "echo_load: resolve HOST: REASON", and the program exits 1 without starting the load.
+// Prints one progress line per second and a final line starting with "summary:". Exits 0 when
+// every byte came back intact, 1 on a mismatch or any connection error (connect failure, reset,
+// unexpected close, an echo that does not come back within 5 s of the end), 2 on bad usage.
+// SIGINT/SIGTERM end the run early.
 //
 // Each connection sends a byte pattern that is a function of (connection, stream offset), so a
 // lost, duplicated, reordered or crossed-over byte is detected without keeping what was sent.
@@ -24,6 +32,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -39,8 +48,12 @@ constexpr std::size_t kMaxDepth = 65536;
 constexpr std::size_t kMaxInFlightBytes = std::size_t{1} << 30;  // depth * size, per connection
 constexpr std::size_t kMaxConns = 1'000'000;
 constexpr double kMaxSeconds = 7 * 24 * 3600;
+constexpr std::uint32_t kDefaultConnectTimeoutMs = 5000;
 // After the run, how long in-flight messages may take to come back before they count as lost.
 constexpr auto kDrainLimit = std::chrono::seconds(5);
+// Connects in flight at most: more would only overflow the server's accept queue (SOMAXCONN), and
+// a SYN it drops is sent again only a second later.
+constexpr std::size_t kMaxConnecting = 1000;
 // Per-connection problems reported on stderr; the rest are only counted.
 constexpr int kMaxReports = 10;
 
@@ -52,6 +65,7 @@ struct Options {
   std::size_t size = 0;
   std::size_t depth = 1;
   double seconds = 0;
+  std::uint32_t connect_timeout_ms = kDefaultConnectTimeoutMs;
 };
 
 // --- The byte pattern ----------------------------------------------------------------------------
@@ -166,15 +180,13 @@ std::string format_us(std::uint64_t us) {
 
 // --- Connections ---------------------------------------------------------------------------------
 
-struct LoadHandler;
 using Loop = reactor::Reactor<>;
-using Conn = reactor::Connection<LoadHandler, Loop>;
 
 // One connection's progress through its byte stream.
 struct Session {
   std::size_t id = 0;
   std::uint64_t seed = 0;
-  Conn* connection = nullptr;    // null once closed
+  bool open = false;             // established and not closed yet
   std::uint64_t sent_bytes = 0;  // stream offset of the next message
   std::uint64_t received_bytes = 0;
   std::uint64_t completed_bytes = 0;     // received_bytes rounded down to whole messages
@@ -230,19 +242,22 @@ struct Run {
   }
 };
 
+// Each connection's handler. A Connector gives the connection a handler derived from this one, so
+// the hooks take the connection as `auto&` (its type is Dialer::connection_type, below).
 struct LoadHandler {
   Run* run;
   Session* session;
 
-  void on_open(Conn& connection) noexcept {
-    session->connection = &connection;
-    const Clock::time_point now = Clock::now();
+  void on_open(auto& /*connection*/) noexcept { session->open = true; }
+
+  // Puts the first `depth` messages in flight: the measured run begins.
+  void start(auto& connection, Clock::time_point now) noexcept {
     for (std::size_t i = 0; i < run->depth; ++i) {
       if (!send_message(connection, now)) return;
     }
   }
 
-  void on_data(Conn& connection, std::string_view bytes) noexcept {
+  void on_data(auto& connection, std::string_view bytes) noexcept {
     Session& s = *session;
     const std::size_t bad = find_mismatch(bytes.data(), bytes.size(), s.seed, s.received_bytes);
     if (bad < bytes.size() || s.received_bytes + bytes.size() > s.sent_bytes) {
@@ -265,9 +280,9 @@ struct LoadHandler {
     }
   }
 
-  void on_close(Conn& /*connection*/, std::error_code reason) noexcept {
+  void on_close(auto& /*connection*/, std::error_code reason) noexcept {
     Session& s = *session;
-    s.connection = nullptr;
+    s.open = false;
     run->in_flight -= (s.sent_bytes - s.completed_bytes) / run->size;
     if (s.mismatched || run->finished) return;
     ++run->errors;
@@ -283,7 +298,7 @@ struct LoadHandler {
  private:
   // Sends the next message of the stream; false when the connection refused it (it is closed, and
   // on_close says why).
-  bool send_message(Conn& connection, Clock::time_point now) noexcept {
+  bool send_message(auto& connection, Clock::time_point now) noexcept {
     Session& s = *session;
     fill_pattern(run->scratch.get(), run->size, s.seed, s.sent_bytes);
     if (!connection.send(run->scratch.get(), run->size)) return false;
@@ -294,7 +309,7 @@ struct LoadHandler {
     return true;
   }
 
-  void mismatch(Conn& connection, std::string_view bytes, std::size_t bad) noexcept {
+  void mismatch(auto& connection, std::string_view bytes, std::size_t bad) noexcept {
     Session& s = *session;
     s.mismatched = true;
     ++run->mismatches;
@@ -315,21 +330,71 @@ struct LoadHandler {
   }
 };
 
+// --- Connecting ----------------------------------------------------------------------------------
+
+struct Connecting;
+
+// Each connection's Connector reports here (on_result) whether it connected.
+struct ConnectOutcome {
+  Connecting* tally;
+  std::size_t index;
+
+  void operator()(auto* connection, std::error_code ec,
+                  const reactor::Endpoint& address) const noexcept;
+};
+
+using Dialer = reactor::Connector<LoadHandler, ConnectOutcome, Loop>;
+using Conn = Dialer::connection_type;
+
+// The connect phase: which connections are established, and the first failure.
+struct Connecting {
+  explicit Connecting(std::size_t conns) : connections(conns, nullptr) {}
+
+  std::vector<Conn*> connections;  // valid while the session is open
+  std::size_t connected = 0;
+  std::vector<std::size_t> reported;  // connectors that are done, to be destroyed
+  bool failed = false;
+  std::size_t failed_index = 0;
+  std::error_code error;
+  reactor::Endpoint address;  // empty: the host name was not resolved
+};
+
+void ConnectOutcome::operator()(auto* connection, std::error_code ec,
+                                const reactor::Endpoint& address) const noexcept {
+  tally->reported.push_back(index);  // reserved for all: no allocation here
+  if (connection != nullptr) {
+    tally->connections[index] = connection;
+    ++tally->connected;
+    return;
+  }
+  if (tally->failed) return;  // only the first failure is reported
+  tally->failed = true;
+  tally->failed_index = index;
+  tally->error = ec;
+  tally->address = address;
+}
+
 // --- Command line --------------------------------------------------------------------------------
 
 void print_usage(std::FILE* out, const char* program) {
   std::fprintf(out,
-               "usage: %s [--host ADDR] --port N [--unix PATH] --conns N --size BYTES [--depth D] "
-               "--seconds T\n"
-               "  --host ADDR    server address (default 127.0.0.1; IPv6 as ::1 or [::1])\n"
+               "usage: %s [--host HOST] --port N [--unix PATH] --conns N --size BYTES [--depth D] "
+               "--seconds T [--connect-timeout MS]\n"
+               "  --host HOST    server name or address (default 127.0.0.1; IPv6 as ::1 or [::1];\n"
+               "                 a name such as localhost is resolved)\n"
                "  --port N       server port (not needed with --unix)\n"
                "  --unix PATH    connect to a Unix socket instead\n"
-               "  --conns N      connections (1..%zu)\n"
+               "  --conns N      connections (1..%zu), opened concurrently\n"
                "  --size BYTES   message size (1..%zu)\n"
                "  --depth D      messages in flight per connection (1..%zu, default 1; "
                "depth*size <= 1 GiB)\n"
-               "  --seconds T    run time (may be fractional)\n",
-               program, kMaxConns, kMaxSize, kMaxDepth);
+               "  --seconds T    run time (may be fractional)\n"
+               "  --connect-timeout MS\n"
+               "                 give up when a connection is not established within MS\n"
+               "                 milliseconds, name lookup included (1..%lu, default %lu)\n",
+               program, kMaxConns, kMaxSize, kMaxDepth,
+               static_cast<unsigned long>(std::numeric_limits<std::uint32_t>::max()),
+               static_cast<unsigned long>(kDefaultConnectTimeoutMs));
 }
 
 template <class T>
@@ -366,6 +431,8 @@ bool parse(int argc, char** argv, Options& options, bool& help) {
       ok = parse_number(value, options.size) && options.size >= 1 && options.size <= kMaxSize;
     } else if (arg == "--depth") {
       ok = parse_number(value, options.depth) && options.depth >= 1 && options.depth <= kMaxDepth;
+    } else if (arg == "--connect-timeout") {
+      ok = parse_number(value, options.connect_timeout_ms) && options.connect_timeout_ms > 0;
     } else if (arg == "--seconds") {
       // strtod rather than from_chars<double>, which older standard libraries lack.
       const std::string text(value);
@@ -453,53 +520,79 @@ std::chrono::milliseconds until(Clock::time_point deadline, Clock::time_point no
                   std::chrono::milliseconds(0));
 }
 
-int run_load(const Options& options, const reactor::Endpoint& endpoint) {
+// Connects `options.conns` connections to `unix_endpoint`, or when it is empty to options.host
+// and options.port, concurrently, each through its own Connector; then runs the load over them.
+int run_load(const Options& options, const reactor::Endpoint& unix_endpoint) {
   // Declared before the reactor: on_close, called as late as the reactor's destructor, uses them.
   Run run(options);
   std::vector<Session> sessions(options.conns);
+  Connecting tally(options.conns);
   Loop loop;
   bool interrupted = false;
   reactor::SignalSet signals(loop, {SIGINT, SIGTERM}, [&](int) { interrupted = true; });
 
-  // Connect everything first, then adopt in one go, so the first messages' latency does not
-  // include the other connections' handshakes.
-  std::vector<reactor::UniqueFd> sockets;
-  sockets.reserve(options.conns);
-  for (std::size_t i = 0; i < options.conns; ++i) {
-    std::error_code ec;
-    reactor::UniqueFd socket = reactor::connect(endpoint, ec);
-    if (ec) {
-      std::fprintf(stderr, "echo_load: connect to %s (connection %zu): %s\n",
-                   endpoint.to_string().c_str(), i, ec.message().c_str());
-      ++run.errors;
-      print_summary(run, 0, sockets.size());
-      return 1;
-    }
-    sockets.push_back(std::move(socket));
-  }
-
+  reactor::ConnectOptions connect_options;
+  const std::chrono::milliseconds connect_timeout(options.connect_timeout_ms);
+  connect_options.deadline = connect_timeout;
+  connect_options.attempt_timeout = connect_timeout;
+  connect_options.resolve_timeout = connect_timeout;
   // Reading must never pause for backpressure here: the server stops reading while its echoes
   // are not read, so a client that stopped reading while its own output was queued would
   // deadlock with it. At most depth*size bytes are ever queued, so no high water is reached.
-  reactor::ConnectionOptions connection_options;
+  reactor::ConnectionOptions& connection_options = connect_options.connection;
   connection_options.max_pending_output = options.depth * options.size + 64 * 1024;
   connection_options.high_water = connection_options.max_pending_output;
   connection_options.low_water = connection_options.max_pending_output;
 
-  std::size_t adopted = 0;
-  for (std::size_t i = 0; i < options.conns; ++i) {
-    Session& session = sessions[i];
-    session.id = i;
-    session.seed = mix(i + 1);
-    session.sent_at = run.send_times.data() + i * options.depth;
-    std::error_code ec;
-    if (reactor::adopt(loop, std::move(sockets[i]), LoadHandler{&run, &session}, connection_options,
-                       ec) == nullptr) {
-      ++run.errors;
-      run.report("echo_load: adopt (connection %zu): %s\n", i, ec.message().c_str());
-      continue;
+  // Connect everything first, concurrently, and start sending only when every connection is
+  // established, so the first messages' latency does not include the other connections'
+  // handshakes. Each connection has its own Connector, destroyed once it has reported (the
+  // connection stays with the loop); at most kMaxConnecting of them at a time.
+  {
+    std::vector<std::unique_ptr<Dialer>> dialers(options.conns);
+    tally.reported.reserve(options.conns);
+    std::size_t started = 0;
+    std::size_t finished = 0;
+    while (tally.connected < options.conns && !tally.failed && !interrupted) {
+      for (; started < options.conns && started - finished < kMaxConnecting; ++started) {
+        Session& session = sessions[started];
+        session.id = started;
+        session.seed = mix(started + 1);
+        session.sent_at = run.send_times.data() + started * options.depth;
+        auto& dialer = dialers[started];
+        dialer = std::make_unique<Dialer>(loop, LoadHandler{&run, &session},
+                                          ConnectOutcome{&tally, started}, connect_options);
+        if (unix_endpoint.empty()) {
+          dialer->connect(options.host, options.port);
+        } else {
+          dialer->connect(unix_endpoint);
+        }
+      }
+      loop.run_once();
+      for (; finished < tally.reported.size(); ++finished) {
+        dialers[tally.reported[finished]].reset();
+      }
     }
-    ++adopted;
+  }
+  if (tally.failed) {
+    if (tally.address.empty()) {
+      std::fprintf(stderr, "echo_load: resolve %s: %s\n", options.host.c_str(),
+                   tally.error.message().c_str());
+    } else {
+      std::fprintf(stderr, "echo_load: connect to %s (connection %zu): %s\n",
+                   tally.address.to_string().c_str(), tally.failed_index,
+                   tally.error.message().c_str());
+    }
+    ++run.errors;
+    print_summary(run, 0, tally.connected);
+    run.finished = true;  // the connections made close with the loop, as ours, not reported
+    return 1;
+  }
+  const std::size_t adopted = tally.connected;
+  const Clock::time_point now_connected = Clock::now();
+  for (std::size_t i = 0; i < options.conns; ++i) {
+    if (!sessions[i].open) continue;  // closed by the server already: counted as an error
+    tally.connections[i]->handler().start(*tally.connections[i], now_connected);
   }
 
   const Clock::time_point start = Clock::now();
@@ -534,14 +627,14 @@ int run_load(const Options& options, const reactor::Endpoint& endpoint) {
   }
   run.finished = true;
   for (Session& session : sessions) {
-    if (session.connection == nullptr) continue;
+    if (!session.open) continue;
     if (session.sent_bytes != session.completed_bytes && !interrupted) {
       ++run.errors;
       run.report("echo_load: connection %zu: %llu bytes not echoed within %lld s\n", session.id,
                  static_cast<unsigned long long>(session.sent_bytes - session.completed_bytes),
                  static_cast<long long>(kDrainLimit.count()));
     }
-    session.connection->abort();
+    tally.connections[session.id]->abort();
   }
   loop.run_once(std::chrono::milliseconds(0));  // runs the on_close of every aborted connection
 
@@ -566,10 +659,14 @@ int main(int argc, char** argv) {
     return 0;
   }
 
+  // A host name is resolved later, by the connectors; a Unix path must fit sockaddr_un.
   std::error_code ec;
-  const reactor::Endpoint endpoint =
-      options.unix_path.empty() ? reactor::Endpoint::from_host_port(options.host, options.port, ec)
-                                : reactor::Endpoint::unix_path(options.unix_path, ec);
+  reactor::Endpoint unix_endpoint;
+  if (!options.unix_path.empty()) {
+    unix_endpoint = reactor::Endpoint::unix_path(options.unix_path, ec);
+  } else if (options.host.empty()) {
+    ec = std::make_error_code(std::errc::invalid_argument);
+  }
   if (ec) {
     std::fprintf(stderr, "echo_load: bad address '%s': %s\n",
                  options.unix_path.empty() ? options.host.c_str() : options.unix_path.c_str(),
@@ -579,7 +676,7 @@ int main(int argc, char** argv) {
   raise_fd_limit(options.conns);
 
   try {
-    return run_load(options, endpoint);
+    return run_load(options, unix_endpoint);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "echo_load: %s\n", e.what());
     return 1;
