@@ -326,12 +326,17 @@ class Connector : private detail::ConnectorLink {
 
  private:
   // One socket connecting to one address, waiting in the epoll set for EPOLLOUT.
+  // A Unix socket whose listener's queue was full (connect: EAGAIN; there is no connect in
+  // progress to wait for) is not in the epoll set: it calls connect() again at `again`, backing
+  // off from 1 ms to 50 ms, until the attempt's timeout.
   struct Attempt : detail::Watcher {
     Attempt(Connector& connector, const Endpoint& to, Clock::time_point deadline) noexcept
         : Watcher(&on_attempt_op), owner(&connector), address(to), due(deadline) {}
     Connector* owner;
     Endpoint address;
     Clock::time_point due;
+    Clock::time_point again = Clock::time_point::max();
+    std::chrono::milliseconds again_wait{0};
   };
 
   // A lookup and who waits for it. `owner` and `generation` are read and written on the loop
@@ -482,6 +487,8 @@ class Connector : private detail::ConnectorLink {
           if (attempts_[i]->due <= now) {
             close_attempt(i, std::make_error_code(std::errc::timed_out));
             next_start_ = now;  // a failed attempt starts the next at once
+          } else if (attempts_[i]->again <= now) {
+            if (connect_again(i, now)) return;  // it won
           } else {
             ++i;
           }
@@ -543,7 +550,8 @@ class Connector : private detail::ConnectorLink {
       return true;
     }
     // EINTR: the connect goes on asynchronously, as EINPROGRESS (connect(2)).
-    if (errno != EINPROGRESS && errno != EINTR) {
+    const bool queue_full = errno == EAGAIN && address.is_unix();
+    if (errno != EINPROGRESS && errno != EINTR && !queue_full) {
       last_error_ = detail::last_errno_code();
       Sys::close(fd);
       return false;
@@ -558,12 +566,38 @@ class Connector : private detail::ConnectorLink {
       return false;
     }
     attempt->fd = fd;
+    if (queue_full) {
+      attempt->again_wait = std::chrono::milliseconds(1);
+      attempt->again = detail::saturating_add(now, attempt->again_wait);
+      attempts_.push_back(std::move(attempt));
+      return false;
+    }
     if (const std::error_code ec = loop_->add(*attempt, EPOLLOUT)) {
       last_error_ = ec;
       Sys::close(fd);
       return false;
     }
     attempts_.push_back(std::move(attempt));
+    return false;
+  }
+
+  // A Unix socket's connect() again (its listener's queue was full). True when it connected and
+  // won; otherwise the attempt waits longer, or failed and is closed (index then names the next).
+  bool connect_again(std::size_t index, Clock::time_point now) noexcept {
+    Attempt& attempt = *attempts_[index];
+    if (Sys::connect(attempt.fd, attempt.address.data(), attempt.address.size()) == 0) {
+      std::unique_ptr<Attempt> winner = std::move(attempts_[index]);
+      attempts_.erase(attempts_.begin() + static_cast<std::ptrdiff_t>(index));
+      win(std::exchange(winner->fd, -1), nullptr, winner->address);
+      return true;
+    }
+    if (errno == EAGAIN) {
+      attempt.again_wait = std::min(2 * attempt.again_wait, std::chrono::milliseconds(50));
+      attempt.again = detail::saturating_add(now, attempt.again_wait);
+      return false;
+    }
+    close_attempt(index, detail::last_errno_code());
+    next_start_ = now;
     return false;
   }
 
@@ -729,7 +763,7 @@ class Connector : private detail::ConnectorLink {
         break;
       case ConnectorState::kConnecting:
         if (next_address_ < addresses_.size()) due = attempts_.empty() ? now : next_start_;
-        for (const auto& attempt : attempts_) due = std::min(due, attempt->due);
+        for (const auto& attempt : attempts_) due = std::min({due, attempt->due, attempt->again});
         break;
       case ConnectorState::kWaiting:
         due = refused_ ? now : retry_at_;
