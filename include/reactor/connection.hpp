@@ -261,13 +261,20 @@ class Connection final : private detail::OwnedWatcher {
       ec = make_error_code(Error::kHandlerException);
     }
     if (connection == nullptr) {
-      Sys::close(fd);  // leaves the epoll set with it (in_epoll)
+      if (in_epoll) {  // out of the set before the close (a fork()ed child may hold the socket)
+        detail::Watcher held(nullptr);
+        held.fd = fd;
+        held.registered = true;
+        loop.deregister(held);
+      }
+      Sys::close(fd);
       return nullptr;
     }
     if (tcp) connection->flags_ |= kShortReadDrains | kTcp;
     const std::uint32_t events =
         kEdge ? EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET | (tcp ? EPOLLPRI : 0u)
               : EPOLLIN | EPOLLRDHUP;
+    connection->registered = in_epoll;  // so that discard() takes it out of the set on failure
     if ((ec = in_epoll ? loop.modify(*connection, events) : loop.add(*connection, events)) ||
         (ec = connection->arm_timeouts(detail::clock_now<Sys>()))) {
       connection->discard();

@@ -46,6 +46,7 @@
 #include <sys/socket.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -113,8 +114,10 @@ struct ConnectOptions {
   // connect again after retry.initial (growing, as retries do, while connections keep dropping
   // within retry.max of opening), and keep retrying, with backoff, until connected: retry.tries
   // does not limit a reconnect; `deadline` does, when set (then on_result reports the failure).
-  // Not during the reactor's graceful shutdown (a reconnect due then is dropped), nor after
-  // cancel() or disconnect(). A graceful shutdown does not wait for a connect in progress.
+  // Not during the reactor's graceful shutdown: a reconnect that falls due then is dropped, and
+  // on_result reports operation_canceled (a connection that drops during it is not reconnected,
+  // silently). Nor after cancel() or disconnect(). A graceful shutdown does not wait for, or stop,
+  // a connect in progress.
   bool reconnect = false;
   // TCP_NODELAY on TCP sockets, set before connecting.
   bool tcp_nodelay = true;
@@ -206,6 +209,15 @@ class Connector : private detail::ConnectorLink {
   using handler_type = detail::Dialed<Handler>;
   using connection_type = Connection<handler_type, R>;
 
+  static_assert(
+      requires(int fd, const sockaddr* address, void* value, socklen_t* length) {
+        { Sys::socket(AF_INET, SOCK_STREAM, 0) } -> std::same_as<int>;
+        { Sys::connect(fd, address, socklen_t{}) } -> std::same_as<int>;
+        { Sys::getsockopt(fd, SOL_SOCKET, SO_ERROR, value, length) } -> std::same_as<int>;
+        { Sys::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, value, socklen_t{}) } -> std::same_as<int>;
+      },
+      "reactor: a Connector's syscall policy needs socket(), connect(), getsockopt() and "
+      "setsockopt() with the kernel's signatures");
   static_assert(std::is_class_v<Handler> && !std::is_final_v<Handler>,
                 "reactor: a Connector's handler must be a class that is not final (the "
                 "connection's handler derives from it)");
@@ -238,10 +250,11 @@ class Connector : private detail::ConnectorLink {
     options_.retry.initial = std::clamp(options_.retry.initial, kShortest, kLongest);
     options_.retry.max = std::clamp(options_.retry.max, options_.retry.initial, kLongest);
     if (!(options_.retry.multiplier >= 1.0)) options_.retry.multiplier = 1.0;  // NaN too
-    rng_ = options_.seed != 0
-               ? options_.seed
-               : reinterpret_cast<std::uintptr_t>(this) ^
-                     static_cast<std::uint64_t>(Clock::now().time_since_epoch().count());
+    rng_ =
+        options_.seed != 0
+            ? options_.seed
+            : reinterpret_cast<std::uintptr_t>(this) ^
+                  static_cast<std::uint64_t>(detail::clock_now<Sys>().time_since_epoch().count());
   }
 
   Connector(const Connector&) = delete;
@@ -273,7 +286,7 @@ class Connector : private detail::ConnectorLink {
       host_.assign(host);
       port_ = port16;
     } else {
-      targets_.assign(1, numeric);
+      addresses_.assign(1, numeric);
     }
     begin();
   }
@@ -289,7 +302,7 @@ class Connector : private detail::ConnectorLink {
       refuse(std::make_error_code(std::errc::invalid_argument));
       return;
     }
-    targets_ = detail::interleave_families(endpoints);
+    addresses_ = detail::interleave_families(endpoints);
     begin();
   }
 
@@ -380,7 +393,7 @@ class Connector : private detail::ConnectorLink {
     cancel();
     untrack();
     host_.clear();
-    targets_.clear();
+    addresses_.clear();
     reconnect_ = options_.reconnect;
     reconnecting_ = false;
     drops_ = 0;
@@ -389,28 +402,47 @@ class Connector : private detail::ConnectorLink {
     address_ = {};
   }
 
-  void begin() noexcept {
+  // Inside connect(): a timer that cannot be scheduled (no memory) throws from connect() instead of
+  // being reported through on_result, which must not run inside it.
+  void begin() {
     const Clock::time_point now = detail::clock_now<Sys>();
     deadline_ = after(now, options_.deadline);
     tries_ = 0;
-    start_round(now);
+    in_connect_ = true;
+    try {
+      start_round(now);
+    } catch (...) {
+      in_connect_ = false;
+      abandon();
+      state_ = ConnectorState::kIdle;
+      throw;
+    }
+    in_connect_ = false;
   }
 
   // Bad arguments: fail on the next loop iteration, not inside connect().
-  void refuse(std::error_code ec) noexcept {
+  void refuse(std::error_code ec) {
     last_error_ = ec;
     address_ = {};
-    state_ = ConnectorState::kWaiting;
     refused_ = true;
-    arm_timer(detail::clock_now<Sys>());
+    in_connect_ = true;
+    try {
+      state_ = ConnectorState::kWaiting;
+      arm_timer(detail::clock_now<Sys>());
+    } catch (...) {
+      in_connect_ = false;
+      abandon();
+      state_ = ConnectorState::kIdle;
+      throw;
+    }
+    in_connect_ = false;
   }
 
   // A round: resolve (names), then try the addresses. Starts on the next timer expiry, never
   // inside the call that asked for it, so that on_result never runs inside connect().
-  void start_round(Clock::time_point now) noexcept {
+  void start_round(Clock::time_point now) {
     if (tries_ < std::numeric_limits<int>::max()) ++tries_;
-    if (host_.empty()) {
-      addresses_ = targets_;
+    if (host_.empty()) {  // addresses_ holds the target (set by connect())
       next_address_ = 0;
       next_start_ = now;
       state_ = ConnectorState::kConnecting;
@@ -468,8 +500,7 @@ class Connector : private detail::ConnectorLink {
     const Clock::time_point now = detail::clock_now<Sys>();
     if (now >= deadline_ && state_ != ConnectorState::kIdle &&
         state_ != ConnectorState::kConnected) {
-      const Endpoint last = attempts_.empty() ? address_ : attempts_.front()->address;
-      fail(std::make_error_code(std::errc::timed_out), last);
+      fail(std::make_error_code(std::errc::timed_out), address_);
       return;
     }
     switch (state_) {
@@ -503,8 +534,7 @@ class Connector : private detail::ConnectorLink {
         }
         if (now >= retry_at_) {
           if (reconnecting_ && loop_->draining()) {  // no reconnect during a graceful shutdown
-            abandon();
-            state_ = ConnectorState::kIdle;
+            fail(std::make_error_code(std::errc::operation_canceled), address_);
             return;
           }
           start_round(now);
@@ -523,8 +553,16 @@ class Connector : private detail::ConnectorLink {
   void progress(Clock::time_point now) noexcept {
     while (next_address_ < addresses_.size() && (attempts_.empty() || now >= next_start_)) {
       const Endpoint address = addresses_[next_address_++];  // a copy: callbacks may free them
-      next_start_ = detail::saturating_add(now, options_.attempt_delay);
-      if (start_attempt(address, now)) return;  // connected at once: the round is over
+      switch (start_attempt(address, now)) {
+        case Started::kWon:  // connected at once (a Unix socket): the round is over
+          return;
+        case Started::kInFlight:
+          next_start_ = detail::saturating_add(now, options_.attempt_delay);
+          break;
+        case Started::kFailed:  // failed at once (ENETUNREACH, ...): the next starts now
+          next_start_ = now;
+          break;
+      }
     }
     if (attempts_.empty()) {
       round_failed(now);
@@ -533,13 +571,16 @@ class Connector : private detail::ConnectorLink {
     arm_timer(now);
   }
 
-  // Opens a socket and connects it. True when it connected at once (a Unix socket) and won.
-  bool start_attempt(const Endpoint& address, Clock::time_point now) noexcept {
+  enum class Started : std::uint8_t { kWon, kInFlight, kFailed };
+
+  // Opens a socket and connects it: connected at once (a Unix socket) and won, in flight, or
+  // failed at once (last_error_ says why).
+  Started start_attempt(const Endpoint& address, Clock::time_point now) noexcept {
     address_ = address;
     const int fd = Sys::socket(address.family(), SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0) {
       last_error_ = detail::last_errno_code();
-      return false;
+      return Started::kFailed;
     }
     if (options_.tcp_nodelay && !address.is_unix()) {
       const int on = 1;
@@ -547,14 +588,14 @@ class Connector : private detail::ConnectorLink {
     }
     if (Sys::connect(fd, address.data(), address.size()) == 0) {
       win(fd, nullptr, address);
-      return true;
+      return Started::kWon;
     }
     // EINTR: the connect goes on asynchronously, as EINPROGRESS (connect(2)).
     const bool queue_full = errno == EAGAIN && address.is_unix();
     if (errno != EINPROGRESS && errno != EINTR && !queue_full) {
       last_error_ = detail::last_errno_code();
       Sys::close(fd);
-      return false;
+      return Started::kFailed;
     }
     std::unique_ptr<Attempt> attempt;
     try {
@@ -563,22 +604,22 @@ class Connector : private detail::ConnectorLink {
     } catch (...) {
       last_error_ = std::make_error_code(std::errc::not_enough_memory);
       Sys::close(fd);
-      return false;
+      return Started::kFailed;
     }
     attempt->fd = fd;
     if (queue_full) {
       attempt->again_wait = std::chrono::milliseconds(1);
       attempt->again = detail::saturating_add(now, attempt->again_wait);
       attempts_.push_back(std::move(attempt));
-      return false;
+      return Started::kInFlight;
     }
     if (const std::error_code ec = loop_->add(*attempt, EPOLLOUT)) {
       last_error_ = ec;
       Sys::close(fd);
-      return false;
+      return Started::kFailed;
     }
     attempts_.push_back(std::move(attempt));
-    return false;
+    return Started::kInFlight;
   }
 
   // A Unix socket's connect() again (its listener's queue was full). True when it connected and
@@ -647,7 +688,13 @@ class Connector : private detail::ConnectorLink {
         handler_type handler(prototype_, this);
         connection = connection_type::open(*loop_, fd, std::move(handler), options_.connection,
                                            !address.is_unix(), ec, in_epoll != nullptr);
-      } catch (...) {  // copying the prototype threw
+      } catch (...) {               // copying the prototype threw
+        if (in_epoll != nullptr) {  // out of the set before the close (a fork()ed child...)
+          detail::Watcher held(nullptr);
+          held.fd = fd;
+          held.registered = true;
+          loop_->deregister(held);
+        }
         Sys::close(fd);
         ec = make_error_code(Error::kHandlerException);
       }
@@ -755,7 +802,7 @@ class Connector : private detail::ConnectorLink {
   }
 
   // Keeps the one timer at the earliest deadline of the current state.
-  void arm_timer(Clock::time_point now) noexcept {
+  void arm_timer(Clock::time_point now) {
     Clock::time_point due = Clock::time_point::max();
     switch (state_) {
       case ConnectorState::kResolving:
@@ -782,10 +829,11 @@ class Connector : private detail::ConnectorLink {
       timer_ = loop_->schedule_at(due, [this] { on_timer(); });
       timer_due_ = due;
     } catch (...) {
-      // No memory for a timer: give up now rather than wait for ever.
-      last_error_ = std::make_error_code(std::errc::not_enough_memory);
-      state_ = ConnectorState::kWaiting;
-      refused_ = true;
+      // No memory for a timer: inside connect(), throw from it; anywhere else (a callback of the
+      // loop, which every caller returns from right after this) report the failure now rather
+      // than wait for ever. A timer slot is reused after a cancel, so this is rare.
+      if (in_connect_) throw;
+      fail(std::make_error_code(std::errc::not_enough_memory), address_);
     }
   }
 
@@ -826,12 +874,13 @@ class Connector : private detail::ConnectorLink {
   bool reconnect_ = false;
   bool reconnecting_ = false;  // this connect started from a dropped connection, not connect()
   bool refused_ = false;       // waiting only to report last_error_ (bad arguments, no memory)
+  bool in_connect_ = false;    // inside connect(): arm_timer() throws instead of reporting
   // The target: a host name and port, or addresses.
   std::string host_;
   std::uint16_t port_ = 0;
-  std::vector<Endpoint> targets_;
-  // This round.
-  std::vector<Endpoint> addresses_;  // in Happy Eyeballs order
+  // This round's addresses, in Happy Eyeballs order: the target's own (connect() with addresses),
+  // or the lookup's.
+  std::vector<Endpoint> addresses_;
   std::size_t next_address_ = 0;
   std::vector<std::unique_ptr<Attempt>> attempts_;
   std::shared_ptr<Lookup> lookup_;

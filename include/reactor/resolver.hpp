@@ -77,18 +77,18 @@ inline std::error_code system_lookup(const std::string& host, std::uint16_t port
   hints.ai_socktype = SOCK_STREAM;
   hints.ai_flags = AI_NUMERICSERV;
   const std::string service = std::to_string(port);
-  addrinfo* list = nullptr;
+  addrinfo* first = nullptr;
   errno = 0;
-  const int eai = ::getaddrinfo(host.c_str(), service.c_str(), &hints, &list);
+  const int eai = ::getaddrinfo(host.c_str(), service.c_str(), &hints, &first);
   if (eai != 0) return make_resolve_error(eai, errno);
-  for (const addrinfo* ai = list; ai != nullptr; ai = ai->ai_next) {
+  const std::unique_ptr<addrinfo, decltype(&::freeaddrinfo)> list(first, &::freeaddrinfo);
+  for (const addrinfo* ai = list.get(); ai != nullptr; ai = ai->ai_next) {
     if (ai->ai_family != AF_INET && ai->ai_family != AF_INET6) continue;
     const Endpoint endpoint = Endpoint::from_sockaddr(ai->ai_addr, ai->ai_addrlen);
     if (!endpoint.empty() && std::find(out.begin(), out.end(), endpoint) == out.end()) {
       out.push_back(endpoint);
     }
   }
-  ::freeaddrinfo(list);
   if (out.empty()) return {EAI_NONAME, resolve_category()};
   return {};
 }
@@ -96,7 +96,9 @@ inline std::error_code system_lookup(const std::string& host, std::uint16_t port
 struct ResolverOptions {
   // Worker threads at most (at least 1): lookups beyond that wait in a queue.
   unsigned max_threads = 4;
-  // What a worker runs for each lookup; the default asks getaddrinfo.
+  // What a worker runs for each lookup; the default asks getaddrinfo. Workers are detached and a
+  // lookup may still run after the Resolver is destroyed: whatever the function refers to must
+  // outlive every lookup (wait_idle() says when none runs).
   LookupFunction lookup = system_lookup;
 };
 
@@ -195,7 +197,7 @@ class Resolver {
     ++state_->running;
     try {
       std::thread(&Resolver::work, state_).detach();
-    } catch (const std::system_error&) {
+    } catch (...) {  // std::system_error (EAGAIN), or bad_alloc for the thread's state
       if (--state_->running > 0) return;  // a running worker will get to it
       state_->queue.pop_back();
       lock.unlock();
