@@ -7,7 +7,9 @@
 // attempt_delay; "localhost" goes through getaddrinfo; a thousand connects at once all echo;
 // reconnect waits (no busy loop), stops at disconnect() and during a graceful shutdown; on_result
 // and on_open may destroy the connector or connect again; an established connection outlives its
-// connector; bad arguments fail through on_result, never inside connect(). Every test gives back
+// connector; bad arguments (a host with a NUL too) fail through on_result, never inside connect();
+// a resolve_timeout of zero means none; a lookup that answers only empty endpoints fails with
+// EAI_NONAME; connect() forgets the previous connect's error and address. Every test gives back
 // every fd it took. Label `integration` and `threads` (lookups run on resolver threads; run under
 // the tsan preset too).
 //
@@ -633,6 +635,152 @@ TEST_CASE("a host name that does not resolve fails with a resolve error", "[conn
     CHECK(*resolver.calls == 1);
   }
   CHECK(test::open_fd_count() == fds_at_start);
+}
+
+// Zero (or less) means no timeout, as for every other duration (ConnectOptions). Fails on the
+// connector of 4a86263: the lookup fell due at now + 0, so it was abandoned at once and the connect
+// failed with timed_out.
+TEST_CASE("a resolve_timeout of zero or less means none and the lookup is waited for",
+          "[connector][resolve][timeout]") {
+  for (const std::chrono::milliseconds timeout : {0ms, -1ms}) {
+    CAPTURE(timeout.count());
+    const std::size_t fds_at_start = test::open_fd_count();
+    {
+      Outcomes outcomes;
+      Tally tally;
+      LT loop;
+      warm_up(loop);
+      HeldResolver resolver;
+      Server<LT> server(loop, Endpoint::parse("127.0.0.1:0"));
+      ConnectOptions options;
+      options.resolve_timeout = timeout;
+      Client<LT> client(loop, ClientHandler{&tally}, Record{&outcomes}, options, resolver.resolver);
+
+      client.connect("held.test", server.local_endpoint().port());
+      REQUIRE(resolver.held->wait([&] { return resolver.held->started == 1; }));
+      run_for(loop, 300ms);
+      CHECK(outcomes.list.empty());
+      CHECK(client.state() == ConnectorState::kResolving);
+      CHECK(loop.pending_timers() == 0);  // nothing to time
+
+      resolver.held->release();
+      REQUIRE(test::run_until(
+          loop, [&] { return !outcomes.list.empty(); }, 10s));
+      const Outcome& outcome = outcomes.list[0];
+      CHECK(outcome.connection != nullptr);
+      CHECK_FALSE(outcome.ec);
+      CHECK(outcome.address == server.local_endpoint());
+      CHECK(client.state() == ConnectorState::kConnected);
+      client.disconnect();
+      REQUIRE(test::run_until(loop, [&] { return loop.connection_count() == 0; }));
+      CHECK(outcomes.list.size() == 1);
+    }
+    CHECK(test::open_fd_count() == fds_at_start);
+  }
+}
+
+// A lookup whose every answer is an empty endpoint left nothing to try: a failed lookup, as when it
+// answers nothing at all. Fails on the connector of 4a86263: the round ended with no attempt and no
+// error, and on_result reported a failure with an empty error_code.
+TEST_CASE("a lookup that answers only an empty endpoint fails with EAI_NONAME",
+          "[connector][resolve]") {
+  const std::size_t fds_at_start = test::open_fd_count();
+  {
+    Outcomes outcomes;
+    Tally tally;
+    LT loop;
+    auto calls = std::make_shared<std::atomic<int>>(0);
+    reactor::Resolver resolver(
+        reactor::ResolverOptions{.max_threads = 1,
+                                 .lookup = [calls](const std::string&, std::uint16_t,
+                                                   std::vector<Endpoint>& out) -> std::error_code {
+                                   ++*calls;
+                                   out.push_back(Endpoint{});
+                                   return {};
+                                 }});
+    Client<LT> client(loop, ClientHandler{&tally}, Record{&outcomes}, {}, resolver);
+
+    client.connect("empty.test", 80);
+    REQUIRE(test::run_until(
+        loop, [&] { return !outcomes.list.empty(); }, 10s));
+    const Outcome& outcome = outcomes.list[0];
+    CHECK(outcome.connection == nullptr);
+    CHECK(outcome.ec);
+    CHECK(outcome.ec.value() == EAI_NONAME);
+    CHECK(&outcome.ec.category() == &reactor::resolve_category());
+    CHECK(outcome.address.empty());
+    CHECK(client.state() == ConnectorState::kIdle);
+    CHECK(client.last_error() == outcome.ec);
+    CHECK(client.attempts_in_flight() == 0);
+    CHECK(*calls == 1);
+
+    run_for(loop, 100ms);
+    CHECK(outcomes.list.size() == 1);
+    CHECK(tally.opened == 0);
+    CHECK(resolver.wait_idle(10s));
+  }
+  CHECK(test::open_fd_count() == fds_at_start);
+}
+
+// connect() starts afresh: the previous connect's error and address are forgotten. Fails on the
+// connector of 4a86263: last_error() and address() still showed the refused connect while the
+// lookup ran, and the deadline reported the refused connect's address.
+TEST_CASE(
+    "a lookup that times out after an earlier refused connect reports an empty address and "
+    "timed_out",
+    "[connector][resolve][timeout]") {
+  for (const bool by_deadline : {false, true}) {
+    CAPTURE(by_deadline);
+    const std::size_t fds_at_start = test::open_fd_count();
+    {
+      Outcomes outcomes;
+      Tally tally;
+      LT loop;
+      warm_up(loop);
+      const ClosedPort closed;
+      HeldResolver resolver;
+      ConnectOptions options;
+      if (by_deadline) {
+        options.deadline = 200ms;  // resolve_timeout stays 5 s
+      } else {
+        options.resolve_timeout = 200ms;
+      }
+      Client<LT> client(loop, ClientHandler{&tally}, Record{&outcomes}, options, resolver.resolver);
+
+      client.connect(closed.endpoint);
+      REQUIRE(test::run_until(
+          loop, [&] { return outcomes.list.size() == 1; }, 5s));
+      CHECK(outcomes.list[0].ec == std::errc::connection_refused);
+      CHECK(outcomes.list[0].address == closed.endpoint);
+      CHECK(client.address() == closed.endpoint);
+
+      const auto start = Clock::now();
+      client.connect("held.test", closed.endpoint.port());
+      CHECK(client.state() == ConnectorState::kResolving);
+      CHECK_FALSE(client.last_error());
+      CHECK(client.address().empty());
+      REQUIRE(resolver.held->wait([&] { return resolver.held->started == 1; }));
+
+      REQUIRE(test::run_until(
+          loop, [&] { return outcomes.list.size() == 2; }, 10s));
+      const Outcome& outcome = outcomes.list[1];
+      CHECK(ms_between(start, outcome.at) >= 200ms);
+      CHECK(ms_between(start, outcome.at) < 3s);
+      CHECK(outcome.connection == nullptr);
+      CHECK(outcome.ec == std::errc::timed_out);
+      CHECK(outcome.address.empty());
+      CHECK(client.state() == ConnectorState::kIdle);
+      CHECK(client.last_error() == std::errc::timed_out);
+      CHECK(client.address().empty());
+
+      resolver.held->release();
+      REQUIRE(resolver.resolver.wait_idle(10s));
+      run_for(loop, 200ms);
+      CHECK(outcomes.list.size() == 2);
+      CHECK(tally.opened == 0);
+    }
+    CHECK(test::open_fd_count() == fds_at_start);
+  }
 }
 
 // --- Cancelling
@@ -1410,4 +1558,42 @@ TEST_CASE("bad arguments still fail with invalid_argument after an earlier conne
     CHECK(connection_of<LT>(outcomes.list[0])->is_open());
   }
   CHECK(test::open_fd_count() == fds_at_start);
+}
+
+// A host name is a C string to getaddrinfo and inet_pton: one with a NUL inside would be cut
+// there, and "127.0.0.1\0x" would connect to 127.0.0.1. Fails on the connector of 4a86263: both
+// hosts below reached the listener.
+TEST_CASE("a host with an embedded NUL fails with invalid_argument and is never tried",
+          "[connector][errors]") {
+  using std::string_view_literals::operator""sv;
+  for (const std::string_view host : {"127.0.0.1\0x"sv, "localhost\0.invalid"sv}) {
+    CAPTURE(host.size());
+    REQUIRE(host.find('\0') != std::string_view::npos);
+    const std::size_t fds_at_start = test::open_fd_count();
+    {
+      Outcomes outcomes;
+      Tally tally;
+      LT loop;
+      Server<LT> server(loop, Endpoint::parse("127.0.0.1:0"));
+      CountingResolver resolver;
+      Client<LT> client(loop, ClientHandler{&tally}, Record{&outcomes}, {}, resolver.resolver);
+
+      client.connect(host, server.local_endpoint().port());
+      CHECK(outcomes.list.empty());  // never from inside connect()
+      REQUIRE(test::run_until(
+          loop, [&] { return !outcomes.list.empty(); }, 5s));
+      const Outcome& outcome = outcomes.list[0];
+      CHECK(outcome.connection == nullptr);
+      CHECK(outcome.ec == std::errc::invalid_argument);
+      CHECK(outcome.address.empty());
+      CHECK(client.state() == ConnectorState::kIdle);
+
+      run_for(loop, 200ms);
+      CHECK(outcomes.list.size() == 1);
+      CHECK(server.accepted_count() == 0);
+      CHECK(tally.opened == 0);
+      CHECK(*resolver.calls == 0);
+    }
+    CHECK(test::open_fd_count() == fds_at_start);
+  }
 }

@@ -2,10 +2,10 @@
 // ("localhost", and a name under .invalid that must not resolve), make_resolve_error's mapping, and
 // a Resolver driven by a lookup function the test controls: lookups held on a gate the test opens,
 // so it can see that no more than max_threads run at once, that every request completes exactly
-// once, that an abandoned request is never completed (nor run, when still queued), that a lookup
-// that throws completes with an error, and that a Resolver destroyed while a lookup is still
-// running returns at once and leaves the worker to finish alone. Label `unit` and `threads` (run
-// under the tsan preset too).
+// once, that an abandoned request is never completed (nor run, when still queued, and is dropped
+// from the queue while every worker hangs), that a lookup that throws completes with an error, and
+// that a Resolver destroyed while a lookup is still running returns at once and leaves the worker
+// to finish alone. Label `unit` and `threads` (run under the tsan preset too).
 //
 // Catch2 assertions are made on the test's own thread only (Catch2 v2 is not thread-safe): the
 // workers record what they saw in a Gate, under its mutex, and the test checks it after waiting.
@@ -344,6 +344,55 @@ TEST_CASE("a queued request abandoned before it starts never runs its lookup",
   CHECK(gate->completed.count("queued") == 0);
   CHECK(gate->started["last"] == 1);
   CHECK(gate->completed.size() == 2);
+}
+
+// Requests abandoned while every worker hangs in a lookup must not pile up in the queue: submit()
+// drops them once the queue has grown enough. Fails on the resolver of 4a86263: the queue kept all
+// 400 requests (none of the abandoned ones freed) until the worker got back to it.
+TEST_CASE("abandoned requests do not pile up in the queue while every worker hangs",
+          "[resolver][threads]") {
+  auto gate = std::make_shared<Gate>();
+  const OpenOnExit open_on_exit{gate};
+  Resolver resolver(ResolverOptions{.max_threads = 1, .lookup = gated_lookup(gate)});
+  resolver.submit(make_request(*gate, "hanging", 80));
+  REQUIRE(gate->wait([&] { return gate->started["hanging"] == 1; }));
+
+  constexpr int kAbandoned = 200;
+  std::vector<std::weak_ptr<LookupRequest>> abandoned;
+  for (int i = 0; i < kAbandoned; ++i) {
+    auto request = make_request(*gate, "abandoned" + std::to_string(i), 81);
+    resolver.submit(request);
+    request->abandon();  // as a connector that timed out or was cancelled does
+    abandoned.push_back(request);
+  }
+  constexpr int kLive = 200;
+  for (int i = 0; i < kLive; ++i)
+    resolver.submit(make_request(*gate, "live" + std::to_string(i), 82));
+  CHECK(resolver.threads() == 1);
+
+  // Still before the worker comes back: most of the abandoned requests are gone already.
+  int freed = 0;
+  for (const auto& request : abandoned) freed += request.expired() ? 1 : 0;
+  INFO("abandoned requests freed while the worker hangs: " << freed);
+  CHECK(freed >= kAbandoned * 3 / 4);
+  {
+    const std::lock_guard lock(gate->mutex);
+    CHECK(gate->started.size() == 1);
+    CHECK(gate->completed.empty());
+  }
+
+  // The worker comes back: every live request completes once, no abandoned one runs.
+  gate->open();
+  REQUIRE(gate->wait([&] { return gate->completed.size() == kLive + 1; }));
+  REQUIRE(resolver.wait_idle(10s));
+  for (const auto& request : abandoned) CHECK(request.expired());
+  const std::lock_guard lock(gate->mutex);
+  CHECK(gate->started.size() == kLive + 1);
+  for (const auto& [host, count] : gate->completed) {
+    INFO(host);
+    CHECK(count == 1);
+    CHECK(host.rfind("abandoned", 0) == std::string::npos);
+  }
 }
 
 TEST_CASE("a Resolver destroyed during a lookup returns at once and the worker finishes alone",

@@ -1,11 +1,12 @@
 // Scenarios for Connector (include/reactor/connector.hpp) in the simulated world
 // (tests/support/sim_kernel.hpp), in virtual time, where instants are exact: a refused connect, a
-// SYN that waits at a full accept queue until the attempt times out, the overall deadline, Happy
-// Eyeballs (the fallback when one family is refused, the stagger, the family order), retries with
-// backoff and jitter from a seed, reconnect (growing gaps, the reset after a connection that
-// stayed up, none during a graceful shutdown), cancel() and destruction in every state and from
-// every callback, and the faults of each syscall the connector makes. Most run in both trigger
-// modes.
+// SYN that waits at a full accept queue until the attempt times out (or for an hour, with no
+// attempt_timeout), the overall deadline, Happy Eyeballs (the fallback when one family is refused,
+// the stagger, the family order), retries with backoff and jitter from a seed (durations of
+// milliseconds::max() kept to 365 days), reconnect (growing gaps, the reset after a connection that
+// stayed up, retrying a server that went away until it is back or the deadline passes, none during
+// a graceful shutdown), cancel() and destruction in every state and from every callback, and the
+// faults of each syscall the connector makes. Most run in both trigger modes.
 //
 // Host names are not simulated (a lookup runs on a resolver thread, and the simulation is
 // single-threaded): every target here is a numeric endpoint, which skips the resolver.
@@ -398,6 +399,50 @@ TEMPLATE_TEST_CASE("a connect whose SYN waited completes at the instant the list
   CHECK(world.kernel.open_fds() == fds + 3);  // the filler's and this connection's two ends
 }
 
+// A timeout of zero (or less) means none, as everywhere else in the library (ConnectOptions). Fails
+// on the connector of 4a86263: the attempt fell due at now + 0, so it timed out at once, at +0.
+TEMPLATE_TEST_CASE(
+    "an attempt_timeout of zero or less means none and the SYN still waits an hour later",
+    "[connector][simulation][timeout]", reactor::LevelTriggered, reactor::EdgeTriggered) {
+  for (const milliseconds timeout : {0ms, -1ms, milliseconds::min()}) {
+    CAPTURE(timeout.count());
+    World<TestType> world;
+    const reactor::Endpoint target = ep("127.0.0.1:7230");
+    const int listener = world.blackhole(target);
+    const std::size_t fds = world.kernel.open_fds();
+    reactor::ConnectOptions options;
+    options.attempt_timeout = timeout;
+    options.resolve_timeout = timeout;  // a numeric target skips the lookup: no effect here
+    // No deadline (the default).
+    typename World<TestType>::Dialer dialer(world.loop, Client{&world.client},
+                                            Record{&world.results}, options);
+    const Clock::time_point t0 = world.now();
+    const std::uint64_t iterations = world.loop.loop_iterations();
+    dialer.connect(target);
+
+    world.run_for(1h);
+    CHECK(ms(t0, world.now()) == 3600000);
+    CHECK(world.results.outcomes.empty());
+    CHECK(dialer.state() == ConnectorState::kConnecting);
+    CHECK(dialer.attempts_in_flight() == 1);
+    CHECK(world.kernel.waiting_syns(7230) == 1);
+    CHECK(world.loop.pending_timers() == 0);  // nothing to time: the hour went by in one wait
+    CHECK(world.loop.loop_iterations() - iterations <= 4);
+    CHECK(world.kernel.open_fds() == fds + 1);
+    CHECK(describe(world.calls(), t0) == std::vector<std::string>{"v4 7230 +0 EINPROGRESS"});
+
+    // The listener makes room at last: the SYN that waited an hour gets in, and connects.
+    REQUIRE(World<TestType>::accept(listener) >= 0);  // the filler
+    REQUIRE(world.run_until([&] { return world.has_outcome(); }, 1s));
+    const Outcome& outcome = world.results.outcomes.front();
+    CHECK(ms(t0, outcome.at) == 3600000);
+    CHECK(outcome.connected);
+    CHECK(outcome.address == target);
+    CHECK(world.results.outcomes.size() == 1);
+    CHECK(world.calls().size() == 1);
+  }
+}
+
 TEMPLATE_TEST_CASE("an EINTR from connect lets the attempt go on and it connects",
                    "[connector][simulation]", reactor::LevelTriggered, reactor::EdgeTriggered) {
   int interrupted = 0;  // declared before the kernel, whose fault chooser counts into it
@@ -750,6 +795,46 @@ TEMPLATE_TEST_CASE("retries back off with equal jitter and the same seed gives t
   CHECK(distinct.size() >= 30);
 }
 
+// Durations are clamped to [1 ms, 365 days] (RetryOptions). Fails on the connector of 4a86263: the
+// backoff of milliseconds::max() overflowed its conversion to the clock's nanoseconds (UB; on
+// x86-64 a huge negative wait), so the retry started at once, at +0.
+TEMPLATE_TEST_CASE("a retry.initial and retry.max of milliseconds::max wait at most 365 days",
+                   "[connector][simulation][retry]", reactor::LevelTriggered,
+                   reactor::EdgeTriggered) {
+  World<TestType> world;
+  const std::size_t fds = world.kernel.open_fds();
+  reactor::ConnectOptions options;
+  options.retry.tries = 2;
+  options.retry.initial = milliseconds::max();
+  options.retry.max = milliseconds::max();
+  options.seed = 17;
+  typename World<TestType>::Dialer dialer(world.loop, Client{&world.client}, Record{&world.results},
+                                          options);
+  const Clock::time_point t0 = world.now();
+  dialer.connect(ep("127.0.0.1:7610"));  // refused
+  world.run_for(24h);
+  CHECK(describe(world.calls(), t0) == std::vector<std::string>{"v4 7610 +0 EINPROGRESS"});
+  CHECK(world.results.outcomes.empty());
+  CHECK(dialer.state() == ConnectorState::kWaiting);
+  CHECK(dialer.last_error() == std::errc::connection_refused);
+  CHECK(world.loop.pending_timers() == 1);
+
+  constexpr double kDay = 24.0 * 3600 * 1000;
+  REQUIRE(world.run_until([&] { return world.has_outcome(); }, 400 * 24h));
+  const auto calls = world.calls();
+  REQUIRE(calls.size() == 2);
+  const double wait = ms(calls[0].at, calls[1].at);
+  CAPTURE(wait / kDay);
+  CHECK(wait >= 365 * kDay / 2);  // 365 days, jittered into [182.5, 365] days
+  CHECK(wait <= 365 * kDay);
+  const Outcome& outcome = world.results.outcomes.front();
+  CHECK(outcome.at == calls[1].at);
+  CHECK_FALSE(outcome.connected);
+  CHECK(outcome.ec == std::errc::connection_refused);
+  CHECK(dialer.state() == ConnectorState::kIdle);
+  check_released(world, dialer, fds);
+}
+
 // --- reconnect -----------------------------------------------------------------------------------
 
 TEMPLATE_TEST_CASE(
@@ -881,7 +966,209 @@ TEMPLATE_TEST_CASE(
   CHECK(ms(started, world.now()) >= 500);  // it served the peer out
   CAPTURE(describe(world.calls(calls_before), started));
   CHECK(world.calls().size() == calls_before);
-  CHECK(world.results.outcomes.size() == outcomes_before);
+  // The dropped reconnect is reported, once, as cancelled; nothing connects.
+  REQUIRE(world.results.outcomes.size() == outcomes_before + 1);
+  CHECK_FALSE(world.results.outcomes.back().connected);
+  CHECK(world.results.outcomes.back().ec == std::errc::operation_canceled);
+  CHECK(dialer.state() == ConnectorState::kIdle);
+}
+
+// A reconnect retries until connected: retry.tries (1 by default) does not limit it, only the
+// deadline does (ConnectOptions::reconnect). Fails on the connector of 4a86263: the first refused
+// round of the reconnect was its last try, so on_result reported connection_refused and the
+// connector gave up for good.
+TEMPLATE_TEST_CASE(
+    "reconnect with the default tries retries a server that went away until it listens again",
+    "[connector][simulation][reconnect]", reactor::LevelTriggered, reactor::EdgeTriggered) {
+  using Loop = typename World<TestType>::Loop;
+  World<TestType> world;
+  const reactor::Endpoint target = ep("127.0.0.1:7820");
+  const std::size_t fds = world.kernel.open_fds();
+  std::optional<typename World<TestType>::ServerAcceptor> acceptor;
+  acceptor.emplace(world.loop, target,
+                   Server<Loop>{.loop = &world.loop, .log = &world.server, .close_at_once = true});
+  reactor::ConnectOptions options;
+  options.reconnect = true;  // retry.tries stays 1
+  options.retry.initial = 100ms;
+  options.retry.multiplier = 2;
+  options.seed = 23;
+  typename World<TestType>::Dialer dialer(world.loop, Client{&world.client}, Record{&world.results},
+                                          options);
+  const Clock::time_point t0 = world.now();
+  dialer.connect(target);
+  REQUIRE(world.run_until([&] { return world.client.closed.size() == 1; }));
+  CHECK(ms(t0, world.client.opened[0]) == 0);
+  CHECK(ms(t0, world.client.closed[0]) == 0);
+  REQUIRE(dialer.state() == ConnectorState::kWaiting);
+  acceptor.reset();  // the server goes away: every connect is refused from now on
+
+  // Four reconnect rounds, each refused, each followed by a longer wait; nothing is reported.
+  REQUIRE(world.run_until(
+      [&] { return world.calls().size() == 5 && dialer.state() == ConnectorState::kWaiting; },
+      10s));
+  CHECK(dialer.last_error() == std::errc::connection_refused);
+  CHECK(world.results.outcomes.size() == 1);
+  const std::uint64_t iterations = world.loop.loop_iterations();
+
+  // The server listens again on the same port: the next round connects.
+  acceptor.emplace(world.loop, target, Server<Loop>{.loop = &world.loop, .log = &world.server});
+  REQUIRE(world.run_until([&] { return world.results.outcomes.size() == 2; }, 10s));
+  CHECK(world.loop.loop_iterations() - iterations <= 8);  // one wait, no busy loop
+  const auto calls = world.calls();
+  REQUIRE(calls.size() == 6);
+  for (const auto& call : calls) CHECK(call.port == 7820);
+  // The reconnect's delay after the drop is backoff(0), in [50, 100] ms; the waits between its
+  // rounds are backoff(0..3): [50, 100], [100, 200], [200, 400], [400, 800] ms.
+  const double after_drop = ms(world.client.closed[0], calls[1].at);
+  CHECK(after_drop >= 50);
+  CHECK(after_drop <= 100);
+  const double full[] = {100, 200, 400, 800};
+  for (std::size_t k = 0; k < 4; ++k) {
+    CAPTURE(k);
+    const double wait = ms(calls[k + 1].at, calls[k + 2].at);
+    CAPTURE(wait);
+    CHECK(wait >= full[k] / 2);
+    CHECK(wait <= full[k]);
+  }
+  for (const Outcome& outcome : world.results.outcomes) {
+    CHECK(outcome.connected);
+    CHECK_FALSE(outcome.ec);
+    CHECK(outcome.address == target);
+  }
+  CHECK(world.results.outcomes[1].at == calls[5].at);
+  REQUIRE(world.client.opened.size() == 2);
+  CHECK(world.client.opened[1] == calls[5].at);
+  CHECK(dialer.state() == ConnectorState::kConnected);
+  CHECK_FALSE(dialer.last_error());
+
+  // The new connection works, and stays.
+  REQUIRE(world.client.send);
+  CHECK(world.client.send("back"));
+  REQUIRE(world.run_until([&] { return world.client.input == "back"; }, 1s));
+  world.run_for(10s);
+  CHECK(world.calls().size() == 6);
+  CHECK(world.results.outcomes.size() == 2);
+  CHECK(world.server.accepted == 2);
+  CHECK(world.loop.pending_timers() == 0);
+  CHECK(world.kernel.open_fds() == fds + 3);  // the listener and the connection's two ends
+}
+
+// The same reconnect with a deadline: it ends there, with one failure. Fails on the connector of
+// 4a86263 as above: the failure came with the first round (refused at once; timed out at +300).
+TEMPLATE_TEST_CASE("a reconnect with a deadline retries until the deadline and fails once there",
+                   "[connector][simulation][reconnect][timeout]", reactor::LevelTriggered,
+                   reactor::EdgeTriggered) {
+  using Loop = typename World<TestType>::Loop;
+  World<TestType> world;
+  const reactor::Endpoint target = ep("127.0.0.1:7830");
+  const std::size_t fds = world.kernel.open_fds();
+  std::optional<typename World<TestType>::ServerAcceptor> acceptor;
+  acceptor.emplace(world.loop, target,
+                   Server<Loop>{.loop = &world.loop, .log = &world.server, .close_at_once = true});
+  reactor::ConnectOptions options;
+  options.reconnect = true;  // retry.tries stays 1
+  options.deadline = 1000ms;
+  options.attempt_timeout = 300ms;
+  options.retry.initial = 100ms;
+  options.retry.multiplier = 2;
+  options.seed = 29;
+  typename World<TestType>::Dialer dialer(world.loop, Client{&world.client}, Record{&world.results},
+                                          options);
+  dialer.connect(target);
+  REQUIRE(world.run_until([&] { return world.client.closed.size() == 1; }));
+  REQUIRE(dialer.state() == ConnectorState::kWaiting);
+  acceptor.reset();
+  std::size_t listeners = 0;
+
+  SECTION("the server refuses") {
+    REQUIRE(world.run_until([&] { return world.results.outcomes.size() == 2; }, 10s));
+    const auto calls = world.calls();
+    // The deadline counts from the reconnect's first round. Rounds start at +0, then
+    // [50, 100], [100, 200], [200, 400] and [400, 800] ms apart: the fourth by +700, the fifth
+    // at +750 or later, the sixth at +1550 or later, after the deadline.
+    REQUIRE(calls.size() >= 5);
+    CHECK(calls.size() <= 6);
+    const Clock::time_point start = calls[1].at;
+    const Outcome& outcome = world.results.outcomes[1];
+    // The last round was refused and the next retry would start after the deadline: the
+    // connect fails at once, with that round's error.
+    CHECK(outcome.at == calls.back().at);
+    CHECK(ms(start, outcome.at) <= 1000);
+    CHECK_FALSE(outcome.connected);
+    CHECK(outcome.ec == std::errc::connection_refused);
+    CHECK(outcome.address == target);
+  }
+  SECTION("the server never answers") {
+    world.blackhole(target);
+    listeners = 1;
+    REQUIRE(world.run_until([&] { return world.results.outcomes.size() == 2; }, 10s));
+    const auto calls = world.calls();
+    // Rounds at +0 (times out at +300), [350, 400] (times out by +700) and [750, 900], whose SYN
+    // still waits at the deadline.
+    REQUIRE(calls.size() == 4);
+    const Clock::time_point start = calls[1].at;
+    CHECK(ms(start, calls[2].at) >= 350);
+    CHECK(ms(start, calls[2].at) <= 400);
+    CHECK(ms(start, calls[3].at) >= 750);
+    CHECK(ms(start, calls[3].at) <= 900);
+    const Outcome& outcome = world.results.outcomes[1];
+    CHECK(ms(start, outcome.at) == 1000);
+    CHECK_FALSE(outcome.connected);
+    CHECK(outcome.ec == std::errc::timed_out);
+    CHECK(outcome.address == target);
+    CHECK(world.kernel.waiting_syns(7830) == 0);
+  }
+  CHECK(world.results.outcomes[0].connected);
+  CHECK(dialer.state() == ConnectorState::kIdle);
+  const std::size_t calls = world.calls().size();
+  world.run_for(10s);
+  CHECK(world.calls().size() == calls);
+  CHECK(world.results.outcomes.size() == 2);
+  CHECK(dialer.attempts_in_flight() == 0);
+  CHECK(world.loop.pending_timers() == 0);
+  CHECK(world.kernel.open_fds() == fds + listeners);
+}
+
+// retry.max of milliseconds::max() is kept to 365 days (RetryOptions). Fails on the connector of
+// 4a86263: dropped() compared `now - connected_at_ >= retry.max`, whose conversion of
+// milliseconds::max() to nanoseconds overflowed (UB, which UBSan reports; wrapped, -1 ms), so every
+// drop looked like one after a connection that had stayed up and the gaps never grew.
+TEMPLATE_TEST_CASE("reconnect with a retry.max of milliseconds::max still grows its gaps",
+                   "[connector][simulation][reconnect]", reactor::LevelTriggered,
+                   reactor::EdgeTriggered) {
+  World<TestType> world;
+  auto acceptor = world.serve("127.0.0.1:7840", {.close_at_once = true});
+  reactor::ConnectOptions options;
+  options.reconnect = true;
+  options.retry.initial = 100ms;
+  options.retry.multiplier = 2;
+  options.retry.max = milliseconds::max();
+  options.seed = 31;
+  typename World<TestType>::Dialer dialer(world.loop, Client{&world.client}, Record{&world.results},
+                                          options);
+  const Clock::time_point t0 = world.now();
+  dialer.connect(ep("127.0.0.1:7840"));
+  REQUIRE(world.run_until([&] { return world.client.closed.size() == 5; }, 20s));
+  const auto& opened = world.client.opened;
+  const auto& closed = world.client.closed;
+  REQUIRE(opened.size() == 5);
+  CHECK(ms(t0, opened[0]) == 0);
+  // Each connection drops at once: the gaps are backoff(0..3), 100, 200, 400 and 800 ms jittered.
+  const double full[] = {100, 200, 400, 800};
+  for (std::size_t k = 0; k < 4; ++k) {
+    CAPTURE(k);
+    CHECK(ms(opened[k], closed[k]) == 0);
+    const double gap = ms(closed[k], opened[k + 1]);
+    CAPTURE(gap);
+    CHECK(gap >= full[k] / 2);
+    CHECK(gap <= full[k]);
+  }
+  REQUIRE(world.results.outcomes.size() == 5);
+  for (std::size_t k = 0; k < 5; ++k) {
+    CHECK(world.results.outcomes[k].connected);
+    CHECK(world.results.outcomes[k].at == opened[k]);
+  }
+  CHECK(world.calls().size() == 5);
 }
 
 // --- cancel --------------------------------------------------------------------------------------
