@@ -22,11 +22,9 @@
 //   cmake -S . -B build/release -DCMAKE_BUILD_TYPE=Release
 //   cmake --build build/release -j2 --target bench_connect_rate
 //   build/release/bench/bench_connect_rate --conns 1000 --repeats 11
-// on a shared 2-core VM (Linux 6.18, GCC 12; other builds running): blocking ~33k, connector
-// ~32k, localhost ~26k connections/s (medians of three runs, within 8% of each other). On loopback
-// a handshake is kernel CPU work with no round trip to overlap, so concurrency does not raise the
-// rate; what the connector buys is a loop that never blocks and connects that overlap real
-// round trips. The lookups cost the localhost mode about a fifth.
+// Figures and what they mean: docs/performance.md, "Issue 11". In short, on loopback a handshake
+// is kernel CPU work with no round trip to overlap, so the connector matches the blocking loop;
+// what it buys is a loop that never blocks and connects that overlap real round trips.
 #include <reactor.hpp>
 
 #include <sys/resource.h>
