@@ -9,9 +9,10 @@
 // and on_open may destroy the connector or connect again; an established connection outlives its
 // connector; bad arguments (a host with a NUL too) fail through on_result, never inside connect();
 // a resolve_timeout of zero means none; a lookup that answers only empty endpoints fails with
-// EAI_NONAME; connect() forgets the previous connect's error and address. Every test gives back
-// every fd it took. Label `integration` and `threads` (lookups run on resolver threads; run under
-// the tsan preset too).
+// EAI_NONAME; connect() forgets the previous connect's error and address; a Unix socket whose
+// listener's queue is full (connect: EAGAIN) waits for room, and times out without spinning. Every
+// test gives back every fd it took. Label `integration` and `threads` (lookups run on resolver
+// threads; run under the tsan preset too).
 //
 // A server that never answers: a listener with a backlog of 0 that never accepts, whose accept
 // queue the test fills with connections until a new one no longer completes. With the accept queue
@@ -303,6 +304,46 @@ Endpoint abstract_endpoint(std::string_view what) {
   return Endpoint::unix_path("@reactor-connector-test-" + std::to_string(::getpid()) + "-" +
                              std::string(what) + "-" + std::to_string(++counter));
 }
+
+// An abstract Unix socket listener with a backlog of 0 that only the test accepts from, its queue
+// filled: a non-blocking connect() to it fails with EAGAIN at once (unix_stream_connect(): with
+// the listener's queue longer than its backlog, an O_NONBLOCK connect does not wait; nothing is in
+// progress, so epoll has nothing to report). A backlog of 0 holds one connection.
+class FullUnixListener {
+ public:
+  explicit FullUnixListener(std::string_view what)
+      : listener_(::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)),
+        endpoint_(abstract_endpoint(what)) {
+    if (!listener_ || ::bind(listener_.get(), endpoint_.data(), endpoint_.size()) != 0 ||
+        ::listen(listener_.get(), 0) != 0) {
+      throw std::system_error(errno, std::system_category(), "socket/bind/listen (AF_UNIX)");
+    }
+    for (int i = 0; i < 8 && !full_; ++i) {
+      reactor::UniqueFd probe(::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+      if (::connect(probe.get(), endpoint_.data(), endpoint_.size()) == 0) {
+        fillers_.push_back(std::move(probe));
+      } else if (errno == EAGAIN) {
+        full_ = true;  // the probe is closed here
+      } else {
+        throw std::system_error(errno, std::system_category(), "connect (AF_UNIX)");
+      }
+    }
+  }
+
+  bool full() const { return full_; }
+  const Endpoint& endpoint() const { return endpoint_; }
+  // Accepts the oldest connection in the queue; an empty fd when there is none.
+  reactor::UniqueFd accept_one() {
+    return reactor::UniqueFd(
+        ::accept4(listener_.get(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC));
+  }
+
+ private:
+  reactor::UniqueFd listener_;
+  Endpoint endpoint_;
+  std::vector<reactor::UniqueFd> fillers_;
+  bool full_ = false;
+};
 
 // --- Driving the loop ----------------------------------------------------------------------------
 
@@ -1477,6 +1518,133 @@ TEMPLATE_TEST_CASE("an abstract Unix socket endpoint connects", "[connector][uni
     CHECK(tally.received == tally.greeting);
     CHECK(client.state() == ConnectorState::kConnected);
     CHECK(*resolver.calls == 0);
+  }
+  CHECK(test::open_fd_count() == fds_at_start);
+}
+
+// A Unix socket's connect() answers EAGAIN while its listener's queue is full, and nothing is in
+// progress to wait for: the connector calls connect() again, backing off, until there is room or
+// the attempt times out. Both fail on the connector of b4541f8, where EAGAIN failed the connect at
+// once (resource_unavailable_try_again, on the first loop iteration).
+TEST_CASE("a Unix socket whose listener's queue is full connects once the listener accepts",
+          "[connector][unix]") {
+  const std::size_t fds_at_start = test::open_fd_count();
+  {
+    Outcomes outcomes;
+    Tally tally;
+    LT loop;
+    warm_up(loop);
+    FullUnixListener server("queue-full-then-accepts");
+    REQUIRE(server.full());
+    ConnectOptions options;
+    options.attempt_timeout = 3s;
+    tally.greeting = "through a full queue";
+    Client<LT> client(loop, ClientHandler{&tally}, Record{&outcomes}, options);
+
+    reactor::UniqueFd filler;  // the connection that filled the queue, accepted 200 ms in
+    Clock::time_point accepted_at = Clock::time_point::max();
+    const auto start = Clock::now();
+    client.connect(server.endpoint());
+    loop.schedule_after(200ms, [&] {
+      filler = server.accept_one();
+      accepted_at = Clock::now();
+    });
+    // Nothing fails at once: the attempt waits for room.
+    run_for(loop, 100ms);
+    CHECK(outcomes.list.empty());
+    CHECK(client.state() == ConnectorState::kConnecting);
+    CHECK(client.attempts_in_flight() == 1);
+
+    REQUIRE(test::run_until(
+        loop, [&] { return !outcomes.list.empty(); }, 10s));
+    REQUIRE(filler);
+    const Outcome& outcome = outcomes.list[0];
+    CHECK(outcome.connection != nullptr);
+    CHECK_FALSE(outcome.ec);
+    CHECK(outcome.address == server.endpoint());
+    CHECK(outcome.at >= accepted_at);
+    CHECK(ms_between(start, outcome.at) >= 200ms);
+    CHECK(ms_between(start, outcome.at) < 2s);  // the backoff's 50 ms, not the 3 s timeout
+    CHECK(client.state() == ConnectorState::kConnected);
+    CHECK(client.attempts_in_flight() == 0);
+    CHECK(tally.opened == 1);
+
+    // The connector's socket is next in the queue, and its greeting comes through.
+    reactor::UniqueFd accepted = server.accept_one();
+    REQUIRE(accepted);
+    std::string received;
+    REQUIRE(test::run_until(
+        loop,
+        [&] {
+          char buffer[256];
+          const ssize_t n = ::recv(accepted.get(), buffer, sizeof buffer, MSG_DONTWAIT);
+          if (n > 0) received.append(buffer, static_cast<std::size_t>(n));
+          return received.size() >= tally.greeting.size();
+        },
+        5s));
+    CHECK(received == tally.greeting);
+    CHECK_FALSE(server.accept_one());
+
+    client.disconnect();
+    REQUIRE(test::run_until(loop, [&] { return loop.connection_count() == 0; }));
+    CHECK(tally.closed == 1);
+    CHECK(outcomes.list.size() == 1);
+  }
+  CHECK(test::open_fd_count() == fds_at_start);
+}
+
+TEST_CASE(
+    "a Unix socket whose listener never makes room times out at attempt_timeout without "
+    "spinning",
+    "[connector][unix][timeout]") {
+  const std::size_t fds_at_start = test::open_fd_count();
+  {
+    Outcomes outcomes;
+    Tally tally;
+    LT loop;
+    warm_up(loop);
+    FullUnixListener server("queue-full-forever");
+    REQUIRE(server.full());
+    const std::size_t fds_before = test::open_fd_count();
+    ConnectOptions options;
+    options.attempt_timeout = 300ms;
+    Client<LT> client(loop, ClientHandler{&tally}, Record{&outcomes}, options);
+    outcomes.then = [&](const Outcome&, const Endpoint&) { loop.stop(); };
+    bool gave_up = false;
+    const reactor::TimerId safety = loop.schedule_after(20s, [&] {
+      gave_up = true;
+      loop.stop();
+    });
+
+    const std::uint64_t iterations_before = loop.loop_iterations();
+    const auto start = Clock::now();
+    client.connect(server.endpoint());
+    loop.run();
+    const std::uint64_t iterations = loop.loop_iterations() - iterations_before;
+    loop.cancel(safety);
+    REQUIRE_FALSE(gave_up);
+    REQUIRE(outcomes.list.size() == 1);
+    const Outcome& outcome = outcomes.list[0];
+    CHECK(outcome.connection == nullptr);
+    CHECK(outcome.ec == std::errc::timed_out);
+    CHECK(outcome.address == server.endpoint());
+    CHECK(ms_between(start, outcome.at) >= 300ms);
+    CHECK(ms_between(start, outcome.at) < 3s);
+    // connect() again after 1, 2, 4, ... 50 ms: a dozen or so wake-ups in 300 ms, not a spin.
+    INFO("loop iterations: " << iterations);
+    CHECK(iterations < 200);
+    CHECK(client.state() == ConnectorState::kIdle);
+    CHECK(client.last_error() == std::errc::timed_out);
+    CHECK(client.attempts_in_flight() == 0);
+    CHECK(test::open_fd_count() == fds_before);
+    CHECK(loop.pending_timers() == 0);
+
+    // The queue holds only the connection that filled it.
+    CHECK(server.accept_one());
+    CHECK_FALSE(server.accept_one());
+    run_for(loop, 200ms);
+    CHECK(outcomes.list.size() == 1);
+    CHECK(tally.opened == 0);
   }
   CHECK(test::open_fd_count() == fds_at_start);
 }

@@ -6,7 +6,9 @@
 // milliseconds::max() kept to 365 days), reconnect (growing gaps, the reset after a connection that
 // stayed up, retrying a server that went away until it is back or the deadline passes, none during
 // a graceful shutdown), cancel() and destruction in every state and from every callback, and the
-// faults of each syscall the connector makes. Most run in both trigger modes.
+// faults of each syscall the connector makes (an attempt that fails inside socket() or connect()
+// starts the next address at once; a winner that cannot become a connection leaves the epoll set
+// before its close). Most run in both trigger modes.
 //
 // Host names are not simulated (a lookup runs on a resolver thread, and the simulation is
 // single-threaded): every target here is a numeric endpoint, which skips the resolver.
@@ -18,6 +20,7 @@
 // and when. The kernel reports a spin (more than kSpinLimit epoll_waits at one instant with
 // nothing moving) or a hang itself, and aborts with its last calls.
 #include <netinet/in.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 
 #include <algorithm>
@@ -29,6 +32,7 @@
 #include <functional>
 #include <optional>
 #include <set>
+#include <stdexcept>
 #include <string>
 #include <string_view>
 #include <system_error>
@@ -652,6 +656,74 @@ TEMPLATE_TEST_CASE(
   CHECK(world.kernel.waiting_syns(7410) == 0);
   CHECK(world.kernel.open_fds() == fds + 2);
   CHECK(world.loop.pending_timers() == 0);
+}
+
+// An attempt that fails inside socket() or connect() (no socket, an unreachable network) is one
+// that failed, and the next address starts at once (RFC 8305 section 5), as for a refusal that
+// comes later through SO_ERROR. Fails on the connector of 6c54056: progress() set the next start
+// to attempt_delay after the failed attempt before starting it, so 7422 started at +600.
+TEMPLATE_TEST_CASE(
+    "Happy Eyeballs starts the next address at once when an attempt fails inside socket or connect",
+    "[connector][simulation]", reactor::LevelTriggered, reactor::EdgeTriggered) {
+  struct Case {
+    const char* name;
+    sim::Op op;  // the second call of this kind fails: the one for 7421
+    int error;
+    std::vector<std::string> calls;
+  };
+  const std::vector<Case> cases = {
+      {"connect() fails with ENETUNREACH",
+       sim::Op::kConnect,
+       ENETUNREACH,
+       {"v4 7420 +0 EINPROGRESS", "v4 7421 +300 ENETUNREACH", "v4 7422 +300 EINPROGRESS"}},
+      {"socket() fails with EMFILE",
+       sim::Op::kSocket,
+       EMFILE,
+       {"v4 7420 +0 EINPROGRESS", "v4 7422 +300 EINPROGRESS"}},
+  };
+  for (const Case& c : cases) {
+    CAPTURE(c.name);
+    int seen = 0;  // declared before the kernel, whose fault chooser counts into it
+    int injected = 0;
+    World<TestType> world;
+    world.blackhole(ep("127.0.0.1:7420"));          // its SYN waits
+    auto acceptor = world.serve("127.0.0.1:7422");  // 7421: fails at once (the fault)
+    const std::size_t fds = world.kernel.open_fds();
+    world.kernel.set_faults([&](sim::Op op, int) {
+      if (op != c.op || ++seen != 2) return sim::Fault{};
+      ++injected;
+      return sim::Fault{c.error};
+    });
+    reactor::ConnectOptions options;
+    options.attempt_delay = 300ms;
+    typename World<TestType>::Dialer dialer(world.loop, Client{&world.client},
+                                            Record{&world.results}, options);
+    const Clock::time_point t0 = world.now();
+    dialer.connect(std::vector<reactor::Endpoint>{ep("127.0.0.1:7420"), ep("127.0.0.1:7421"),
+                                                  ep("127.0.0.1:7422")});
+
+    REQUIRE(world.run_until([&] { return world.has_outcome(); }));
+    const Outcome& outcome = world.results.outcomes.front();
+    CHECK(ms(t0, outcome.at) == 300);  // not 600
+    CHECK(outcome.connected);
+    CHECK_FALSE(outcome.ec);
+    CHECK(outcome.address == ep("127.0.0.1:7422"));
+    CHECK(describe(world.calls(), t0) == c.calls);
+    CHECK(injected == 1);
+    CHECK(dialer.state() == ConnectorState::kConnected);
+    CHECK_FALSE(dialer.last_error());
+    CHECK(world.client.opened.size() == 1);
+    // The loser waiting at 7420 is closed and its SYN forgotten; the connection's two ends remain.
+    CHECK(world.kernel.waiting_syns(7420) == 0);
+    CHECK(dialer.attempts_in_flight() == 0);
+    CHECK(world.loop.pending_timers() == 0);
+    CHECK(world.kernel.open_fds() == fds + 2);
+    REQUIRE(world.client.send);
+    CHECK(world.client.send("third"));
+    REQUIRE(world.run_until([&] { return world.client.input == "third"; }, 1s));
+    CHECK(world.server.accepted == 1);
+    CHECK(world.results.outcomes.size() == 1);
+  }
 }
 
 TEMPLATE_TEST_CASE("Happy Eyeballs tries IPv6 and IPv4 alternately and IPv6 first",
@@ -1597,4 +1669,132 @@ TEMPLATE_TEST_CASE(
   world.run_for(5s);
   CHECK(world.results.outcomes.size() == 1);
   check_released(world, dialer, fds);
+}
+
+namespace {
+
+// A client handler whose copy or move throws while `*breaks` says so: the connector copies its
+// prototype for each connection, and Connection::open moves that copy into the connection.
+struct Fragile : Client {
+  enum class Breaks { kNothing, kCopy, kMove };
+
+  Fragile(ClientLog* client_log, const Breaks* when) : Client{client_log}, breaks(when) {}
+  Fragile(const Fragile& other) : Client(other), breaks(other.breaks) {
+    if (*breaks == Breaks::kCopy) throw std::runtime_error("Fragile: copy");
+  }
+  // NOLINTNEXTLINE(performance-noexcept-move-constructor): a move that throws is the point
+  Fragile(Fragile&& other) : Client(other), breaks(other.breaks) {
+    if (*breaks == Breaks::kMove) throw std::runtime_error("Fragile: move");
+  }
+  Fragile& operator=(const Fragile&) = delete;
+  Fragile& operator=(Fragile&&) = delete;
+  ~Fragile() = default;
+
+  const Breaks* breaks;
+};
+
+// An epoll_ctl() or close() as "MOD ENOMEM", "DEL 0" or "close 0".
+std::string describe(const sim::Kernel::FdCall& call) {
+  std::string what = "close";
+  if (call.op == sim::Op::kEpollCtl) {
+    what = call.epoll_op == EPOLL_CTL_ADD   ? "ADD"
+           : call.epoll_op == EPOLL_CTL_MOD ? "MOD"
+           : call.epoll_op == EPOLL_CTL_DEL ? "DEL"
+                                            : std::to_string(call.epoll_op);
+  }
+  return what + " " + (call.error == ENOMEM ? "ENOMEM" : std::to_string(call.error));
+}
+
+// The epoll_ctl() and close() calls on `fd` that the kernel logged, up to its first close.
+std::vector<std::string> fd_history(const sim::Kernel& kernel, int fd) {
+  std::vector<std::string> out;
+  for (const auto& call : kernel.fd_calls()) {
+    if (call.fd != fd) continue;
+    out.push_back(describe(call));
+    if (call.op == sim::Op::kClose) break;
+  }
+  return out;
+}
+
+}  // namespace
+
+// The winning socket waited for its connect in the epoll set; when it cannot become a connection
+// (the EPOLL_CTL_MOD that re-points it fails, the handler's move into the connection throws, the
+// copy of the prototype throws) it leaves the set (EPOLL_CTL_DEL) before its close: a close alone
+// would leave the item behind while another process (a fork()ed child) holds the socket, pointing
+// at the freed attempt. Fails on the connector of 6c54056: the fd was closed without a DEL (a
+// Connection that never registered had `registered` false, and the two other paths just closed).
+TEMPLATE_TEST_CASE(
+    "a winner whose hand-over fails leaves the epoll set before its socket is closed",
+    "[connector][simulation]", reactor::LevelTriggered, reactor::EdgeTriggered) {
+  using Breaks = Fragile::Breaks;
+  struct Case {
+    const char* name;
+    Breaks breaks;  // or the MOD fails (kNothing)
+    int error;      // the MOD's injected errno, reported as it is; 0: kHandlerException
+    std::vector<std::string> history;  // of the attempt's fd
+  };
+  const std::vector<Case> cases = {
+      {"epoll_ctl(MOD) fails with ENOMEM",
+       Breaks::kNothing,
+       ENOMEM,
+       {"ADD 0", "MOD ENOMEM", "DEL 0", "close 0"}},
+      {"the handler's move into the connection throws",
+       Breaks::kMove,
+       0,
+       {"ADD 0", "DEL 0", "close 0"}},
+      {"the copy of the prototype throws", Breaks::kCopy, 0, {"ADD 0", "DEL 0", "close 0"}},
+  };
+  for (const Case& c : cases) {
+    CAPTURE(c.name);
+    int injected = 0;        // declared before the kernel, whose fault chooser uses them
+    bool connected = false;  // SO_ERROR said 0: the next epoll_ctl is Connection::open's MOD
+    Breaks breaks = Breaks::kNothing;
+    World<TestType> world;
+    using Dialer = reactor::Connector<Fragile, Record, typename World<TestType>::Loop>;
+    auto acceptor = world.serve("127.0.0.1:7990");
+    const std::size_t fds = world.kernel.open_fds();
+    if (c.breaks == Breaks::kNothing) {
+      world.kernel.set_faults([&](sim::Op op, int) {
+        if (op == sim::Op::kGetsockopt) connected = true;
+        if (op == sim::Op::kEpollCtl && std::exchange(connected, false)) {
+          ++injected;
+          return sim::Fault{ENOMEM};
+        }
+        return sim::Fault{};
+      });
+    }
+    Dialer dialer(world.loop, Fragile(&world.client, &breaks), Record{&world.results});
+    breaks = c.breaks;  // from now on: the constructor's own move did not throw
+    world.kernel.record_fd_calls();
+    const Clock::time_point t0 = world.now();
+    dialer.connect(ep("127.0.0.1:7990"));
+    REQUIRE(world.run_until([&] { return world.has_outcome(); }));
+    breaks = Breaks::kNothing;
+
+    const Outcome& outcome = world.results.outcomes.front();
+    CHECK(ms(t0, outcome.at) == 0);
+    CHECK_FALSE(outcome.connected);
+    if (c.error != 0) {
+      CHECK(outcome.ec.value() == c.error);
+      CHECK(outcome.ec == static_cast<std::errc>(c.error));
+    } else {
+      CHECK(outcome.ec == reactor::Error::kHandlerException);
+    }
+    CHECK(outcome.address == ep("127.0.0.1:7990"));
+    CHECK(injected == (c.error != 0 ? 1 : 0));
+    REQUIRE(world.calls().size() == 1);
+    const int fd = world.calls().front().fd;
+    CHECK(fd_history(world.kernel, fd) == c.history);
+    CHECK_FALSE(world.kernel.fd_open(fd));
+    CHECK(world.client.opened.empty());  // no hook ran
+    CHECK(dialer.state() == ConnectorState::kIdle);
+    CHECK(dialer.connection() == nullptr);
+    // The server saw the connection come and go; nothing else is reported.
+    REQUIRE(world.run_until([&] { return world.server.closed == 1; }, 5s));
+    world.run_for(5s);
+    CHECK(world.results.outcomes.size() == 1);
+    CHECK(world.server.accepted == 1);
+    check_released(world, dialer, fds);
+  }
 }

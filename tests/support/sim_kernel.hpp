@@ -340,6 +340,21 @@ class Kernel {
   };
   // Every connect() so far, oldest first.
   const std::vector<ConnectCall>& connect_calls() const noexcept { return connect_calls_; }
+  // An epoll_ctl() or close() the process made: which (Op::kEpollCtl or Op::kClose), when, on
+  // which fd, epoll_ctl's op (EPOLL_CTL_ADD, _MOD or _DEL; 0 for a close), and how it ended (0,
+  // or its errno; a close that failed closed all the same).
+  struct FdCall {
+    TimePoint at;
+    Op op;
+    int fd;
+    int epoll_op;
+    int error;
+  };
+  // From now on, logs each epoll_ctl() and close() in fd_calls(), in call order: for tests that
+  // check an order the fd table alone cannot show (a socket out of the epoll set before its
+  // close). Off by default (a long run makes many).
+  void record_fd_calls(bool on = true) noexcept { recording_fd_calls_ = on; }
+  const std::vector<FdCall>& fd_calls() const noexcept { return fd_calls_; }
   // SYNs waiting for room in the accept queue of the listeners bound to `port` in `family`.
   std::size_t waiting_syns(std::uint16_t port, int family = AF_INET) const {
     std::size_t n = 0;
@@ -428,6 +443,9 @@ class Kernel {
       result = epoll_control(*table_[epfd], op, *table_[fd], event);
     }
     note(event != nullptr ? event->events : 0);
+    if (recording_fd_calls_) {
+      fd_calls_.push_back({now_, Op::kEpollCtl, fd, op, result < 0 ? errno : 0});
+    }
     return result;
   }
 
@@ -890,6 +908,8 @@ class Kernel {
 
   int sys_close(int fd) {
     const Fault f = fault(Op::kClose, fd);
+    const int error = !fd_open(fd) ? EBADF : f.error;
+    if (recording_fd_calls_) fd_calls_.push_back({now_, Op::kClose, fd, 0, error});
     if (!fd_open(fd)) {
       return fail_errno(EBADF);
     }
@@ -1756,6 +1776,8 @@ class Kernel {
   std::map<std::pair<int, std::uint16_t>, std::vector<int>> reuse_groups_;  // (family, port)
   std::uint64_t calls_ = 0;
   std::vector<ConnectCall> connect_calls_;
+  bool recording_fd_calls_ = false;
+  std::vector<FdCall> fd_calls_;
   bool tracing_ = std::getenv("REACTOR_SIM_TRACE") != nullptr;
   bool keep_recent_ = true;
   std::uint64_t note_ = 0;
