@@ -3,8 +3,9 @@
 // (EINPROGRESS, then EPOLLOUT and SO_ERROR), Happy Eyeballs v2 over several addresses (RFC 8305),
 // a timeout per attempt and an overall deadline, retries with exponential backoff and jitter, and
 // an optional reconnect when the established connection drops. The connected socket becomes a
-// Connection on the same reactor, in place: its fd stays in the epoll set (one EPOLL_CTL_MOD
-// re-points it) and nothing is asked of the kernel that the connector already knows.
+// Connection on the same reactor, in place: a TCP socket's fd stays in the epoll set (one
+// EPOLL_CTL_MOD re-points it; a Unix socket, which connects without waiting there, is added) and
+// nothing is asked of the kernel that the connector already knows.
 //
 //   reactor::Connector client(loop, MyHandler{}, [](auto* conn, std::error_code ec,
 //                                                   const reactor::Endpoint& address) {
@@ -14,9 +15,11 @@
 //
 // States (docs/design.md, "Connector"): idle -> resolving (names only) -> connecting (one or more
 // sockets in flight) -> connected; a round that fails goes to waiting (backoff) and starts again,
-// until the tries run out or the deadline passes: then idle, with on_result(nullptr, error,
-// address). Each state owns what it holds: resolving a lookup request, connecting the attempt
-// sockets, waiting nothing but the timer; the one timer serves whichever deadline is earliest.
+// until the tries run out (a reconnect's do not), the deadline passes, or every failure of the
+// round was one that another round cannot mend (invalid_argument, address_family_not_supported, a
+// handler that threw): then idle, with on_result(nullptr, error, address). Each state owns what it
+// holds: resolving a lookup request, connecting the attempt sockets, waiting nothing but the timer;
+// the one timer serves whichever deadline is earliest.
 //
 // Callbacks: on_result(conn, ec, address) runs on the loop thread, never from inside connect(),
 // once per outcome: a connection (conn set, ec empty, address the one that won; the connection
@@ -27,7 +30,9 @@
 // on_result runs. It may destroy the Connector, or call connect(), cancel() or disconnect(), and
 // so may the handler's hooks; inside the new connection's on_open, which runs before on_result,
 // connection() is already set (and if on_open calls one of them, or destroys the connector, no
-// on_result follows). Exceptions from on_result are dropped.
+// on_result follows). Exceptions from on_result are dropped. One exception to "on the loop, never
+// inside another hook": out of memory for a reconnect's timer, on_result(nullptr,
+// not_enough_memory) runs inside the dropped connection's on_close, before the handler's own.
 //
 // Handler: as for any Connection (concepts.hpp), with hooks taking the connection as `auto&`
 // (its type is connection_type). It must be copyable (each connection gets a copy of the
@@ -94,7 +99,8 @@ struct RetryOptions {
 };
 
 struct ConnectOptions {
-  // Durations of zero (or less) mean none, as in ConnectionOptions.
+  // The timeouts and the deadline: zero (or less) means none, as in ConnectionOptions; long ones
+  // saturate.
   // A host name lookup that takes longer is abandoned (its late result dropped); the round fails
   // with timed_out and an empty address.
   std::chrono::milliseconds resolve_timeout{5000};
@@ -129,7 +135,8 @@ struct ConnectOptions {
 
 namespace detail {
 
-// How a connection made by a connector tells it that it closed.
+// How a connection made by a connector tells it that it opened (before the user's on_open) and
+// that it closed (before the user's on_close).
 struct ConnectorLink {
   using Opened = void (*)(ConnectorLink& link, void* connection) noexcept;
   using Dropped = void (*)(ConnectorLink& link) noexcept;
@@ -271,7 +278,9 @@ class Connector : private detail::ConnectorLink {
   // Starts connecting to `host` (a name, resolved on the resolver's threads; or a numeric IPv4
   // or IPv6 address, "[::1]" too, which skips the resolver) at `port`. Cancels what was in
   // progress first; an established connection is left open and no longer tracked. A port outside
-  // 0..65535 or an empty host fails (on_result, invalid_argument) without trying.
+  // 0..65535, an empty host or one containing a NUL fails (on_result, invalid_argument) without
+  // trying. Throws std::bad_alloc only (out of memory for the target or its timer); the connector
+  // is then idle, and the previous connection already untracked.
   template <detail::PortInteger Port>
   void connect(std::string_view host, Port port) {
     restart();
@@ -291,10 +300,12 @@ class Connector : private detail::ConnectorLink {
     begin();
   }
 
-  // Starts connecting to one address (IPv4, IPv6, or a Unix socket).
+  // Starts connecting to one address (IPv4, IPv6, or a Unix socket). As above; an empty endpoint
+  // fails with invalid_argument.
   void connect(const Endpoint& endpoint) { connect(std::vector<Endpoint>{endpoint}); }
 
-  // Starts connecting to these addresses, in Happy Eyeballs order.
+  // Starts connecting to these addresses, in Happy Eyeballs order. As above; empty endpoints are
+  // skipped, and a list with none left fails with invalid_argument.
   void connect(std::vector<Endpoint> endpoints) {
     restart();
     std::erase_if(endpoints, [](const Endpoint& e) { return e.empty(); });
@@ -325,7 +336,8 @@ class Connector : private detail::ConnectorLink {
 
   ConnectorState state() const noexcept { return state_; }
 
-  // The established connection, or nullptr (valid until its on_close returns).
+  // The established connection, or nullptr: set before the handler's on_open runs, null again
+  // from the moment it closes (before its on_close).
   connection_type* connection() const noexcept { return connection_; }
 
   // The address that won while connected; otherwise the last one tried (empty if none).
@@ -374,7 +386,8 @@ class Connector : private detail::ConnectorLink {
 
   static void on_dropped(ConnectorLink& link) noexcept { static_cast<Connector&>(link).dropped(); }
 
-  // Worker thread, under the request's mutex: only queue the result for the loop.
+  // A resolver worker, under the request's mutex (or the loop thread, when submit() could not
+  // start a worker): only queue the result for the loop.
   static void post_lookup(void* loop, std::shared_ptr<detail::LookupRequest> request) noexcept {
     try {
       static_cast<R*>(loop)->post([request = std::move(request)] {
@@ -442,6 +455,7 @@ class Connector : private detail::ConnectorLink {
   // inside the call that asked for it, so that on_result never runs inside connect().
   void start_round(Clock::time_point now) {
     if (tries_ < std::numeric_limits<int>::max()) ++tries_;
+    round_retriable_ = false;
     if (host_.empty()) {  // addresses_ holds the target (set by connect())
       next_address_ = 0;
       next_start_ = now;
@@ -500,7 +514,9 @@ class Connector : private detail::ConnectorLink {
     const Clock::time_point now = detail::clock_now<Sys>();
     if (now >= deadline_ && state_ != ConnectorState::kIdle &&
         state_ != ConnectorState::kConnected) {
-      fail(std::make_error_code(std::errc::timed_out), address_);
+      // Name the attempt still in flight that started last, else the last one tried.
+      fail(std::make_error_code(std::errc::timed_out),
+           attempts_.empty() ? address_ : attempts_.back()->address);
       return;
     }
     switch (state_) {
@@ -576,10 +592,10 @@ class Connector : private detail::ConnectorLink {
   // Opens a socket and connects it: connected at once (a Unix socket) and won, in flight, or
   // failed at once (last_error_ says why).
   Started start_attempt(const Endpoint& address, Clock::time_point now) noexcept {
-    address_ = address;
+    address_ = address;  // the last one tried
     const int fd = Sys::socket(address.family(), SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0) {
-      last_error_ = detail::last_errno_code();
+      note_failure(detail::last_errno_code(), address);
       return Started::kFailed;
     }
     if (options_.tcp_nodelay && !address.is_unix()) {
@@ -590,19 +606,21 @@ class Connector : private detail::ConnectorLink {
       win(fd, nullptr, address);
       return Started::kWon;
     }
-    // EINTR: the connect goes on asynchronously, as EINPROGRESS (connect(2)).
-    const bool queue_full = errno == EAGAIN && address.is_unix();
+    // TCP: EINTR means the connect goes on asynchronously, as EINPROGRESS (connect(2)). Unix:
+    // EAGAIN (the listener's queue is full) or EINTR leave nothing in progress: call it again.
+    const bool queue_full = address.is_unix() && (errno == EAGAIN || errno == EINTR);
     if (errno != EINPROGRESS && errno != EINTR && !queue_full) {
-      last_error_ = detail::last_errno_code();
+      note_failure(detail::last_errno_code(), address);
       Sys::close(fd);
       return Started::kFailed;
     }
     std::unique_ptr<Attempt> attempt;
     try {
       attempt = std::make_unique<Attempt>(*this, address, after(now, options_.attempt_timeout));
-      attempts_.reserve(attempts_.size() + 1);
+      // Room for it now, so that push_back below cannot throw once the socket is registered.
+      if (attempts_.size() == attempts_.capacity()) attempts_.reserve(2 * attempts_.size() + 2);
     } catch (...) {
-      last_error_ = std::make_error_code(std::errc::not_enough_memory);
+      note_failure(std::make_error_code(std::errc::not_enough_memory), address);
       Sys::close(fd);
       return Started::kFailed;
     }
@@ -614,7 +632,7 @@ class Connector : private detail::ConnectorLink {
       return Started::kInFlight;
     }
     if (const std::error_code ec = loop_->add(*attempt, EPOLLOUT)) {
-      last_error_ = ec;
+      note_failure(ec, address);
       Sys::close(fd);
       return Started::kFailed;
     }
@@ -665,8 +683,7 @@ class Connector : private detail::ConnectorLink {
 
   void close_attempt(std::size_t index, std::error_code reason) noexcept {
     Attempt& attempt = *attempts_[index];
-    last_error_ = reason;
-    address_ = attempt.address;
+    note_failure(reason, attempt.address);
     loop_->remove(attempt);
     Sys::close(std::exchange(attempt.fd, -1));
     attempts_.erase(attempts_.begin() + static_cast<std::ptrdiff_t>(index));
@@ -702,8 +719,11 @@ class Connector : private detail::ConnectorLink {
     // on_open destroyed the connector, or called connect(), cancel() or disconnect(), which
     // dealt with the connection (on_opened had made it ours): no on_result.
     if (!alive || generation != generation_) return;
-    if (connection == nullptr) {
-      fail(ec, address);
+    if (connection == nullptr) {  // no memory, or the handler threw: retried as a round's failure
+      last_error_ = ec;
+      address_ = address;
+      round_retriable_ = retriable(ec);
+      round_failed(detail::clock_now<Sys>());
       return;
     }
     report(connection, {}, address);
@@ -712,7 +732,7 @@ class Connector : private detail::ConnectorLink {
   void round_failed(Clock::time_point now) noexcept {
     abandon();
     const bool more = reconnecting_ || options_.retry.tries <= 0 || tries_ < options_.retry.tries;
-    if (more && retriable(last_error_)) {
+    if (more && (round_retriable_ || retriable(last_error_))) {
       retry_at_ = detail::saturating_add(now, backoff(tries_ - 1));
       if (retry_at_ < deadline_) {
         state_ = ConnectorState::kWaiting;
@@ -721,6 +741,17 @@ class Connector : private detail::ConnectorLink {
       }
     }
     fail(last_error_, address_);
+  }
+
+  // Records an attempt's failure as the round's error, unless it is a permanent one (this family
+  // is not supported here, an unusable address) and the round already has a retriable one to
+  // report: one address's permanent error must not stop the retries the others call for.
+  void note_failure(std::error_code ec, const Endpoint& address) noexcept {
+    const bool transient = retriable(ec);
+    if (!transient && round_retriable_) return;
+    round_retriable_ = round_retriable_ || transient;
+    last_error_ = ec;
+    address_ = address;
   }
 
   static bool retriable(const std::error_code& ec) noexcept {
@@ -765,6 +796,8 @@ class Connector : private detail::ConnectorLink {
   void dropped() noexcept {
     connection_ = nullptr;
     state_ = ConnectorState::kIdle;
+    // No reconnect during a graceful shutdown; the connection's own on_close tells the handler
+    // (reporting it too would need a timer that outlives the shutdown).
     if (!reconnect_ || loop_->draining()) return;
     const Clock::time_point now = detail::clock_now<Sys>();
     if (now - connected_at_ >= options_.retry.max) drops_ = 0;  // it had stayed up: start over
@@ -874,7 +907,9 @@ class Connector : private detail::ConnectorLink {
   bool reconnect_ = false;
   bool reconnecting_ = false;  // this connect started from a dropped connection, not connect()
   bool refused_ = false;       // waiting only to report last_error_ (bad arguments, no memory)
-  bool in_connect_ = false;    // inside connect(): arm_timer() throws instead of reporting
+  bool in_connect_ = false;
+  bool round_retriable_ = false;  // this round had a failure worth another round    // inside
+                                  // connect(): arm_timer() throws instead of reporting
   // The target: a host name and port, or addresses.
   std::string host_;
   std::uint16_t port_ = 0;

@@ -214,6 +214,7 @@ class Resolver {
       {
         const std::lock_guard lock(state->mutex);
         if (state->queue.empty()) {
+          state->sweep_at = 64;  // a burst that raised it is over
           if (--state->running == 0) state->idle.notify_all();
           return;
         }
