@@ -395,6 +395,65 @@ TEST_CASE("abandoned requests do not pile up in the queue while every worker han
   }
 }
 
+// The sweep threshold grows with the queue during a burst, and must fall back once the burst is
+// over: otherwise, after one burst of live lookups, abandoned requests pile up again until the
+// queue reaches the burst's size. Fails on the resolver of 1b164b1: after a burst of 5000 the
+// threshold stayed at 8192, and none of the 300 abandoned requests was freed while the worker hung.
+TEST_CASE("the sweep of abandoned requests starts early again after a burst of lookups",
+          "[resolver][threads]") {
+  auto gate = std::make_shared<Gate>();
+  const OpenOnExit open_on_exit{gate};
+  Resolver resolver(ResolverOptions{.max_threads = 1, .lookup = gated_lookup(gate)});
+
+  // A burst of live lookups queued behind a held one (the queue grows to 5000, and the threshold
+  // with it), then run at once, every one completed.
+  constexpr int kBurst = 5000;
+  resolver.submit(make_request(*gate, "burst0", 80));
+  REQUIRE(gate->wait([&] { return gate->started["burst0"] == 1; }));
+  for (int i = 1; i < kBurst; ++i)
+    resolver.submit(make_request(*gate, "burst" + std::to_string(i), 80));
+  gate->open();
+  REQUIRE(gate->wait([&] { return gate->completed.size() == kBurst; }));
+  REQUIRE(resolver.wait_idle(10s));
+  {
+    const std::lock_guard lock(gate->mutex);
+    gate->is_open = false;  // hold the next lookup again
+  }
+
+  resolver.submit(make_request(*gate, "hanging", 81));
+  REQUIRE(gate->wait([&] { return gate->started["hanging"] == 1; }));
+  constexpr int kAbandoned = 300;
+  std::vector<std::weak_ptr<LookupRequest>> abandoned;
+  for (int i = 0; i < kAbandoned; ++i) {
+    auto request = make_request(*gate, "abandoned" + std::to_string(i), 82);
+    resolver.submit(request);
+    request->abandon();
+    abandoned.push_back(request);
+  }
+  constexpr int kLive = 300;
+  for (int i = 0; i < kLive; ++i)
+    resolver.submit(make_request(*gate, "live" + std::to_string(i), 83));
+  CHECK(resolver.threads() == 1);
+
+  // Still before the worker comes back: most of the abandoned requests are gone already.
+  int freed = 0;
+  for (const auto& request : abandoned) freed += request.expired() ? 1 : 0;
+  INFO("abandoned requests freed while the worker hangs: " << freed);
+  CHECK(freed >= kAbandoned * 3 / 4);
+
+  gate->open();
+  REQUIRE(gate->wait([&] { return gate->completed.size() == kBurst + 1 + kLive; }));
+  REQUIRE(resolver.wait_idle(10s));
+  for (const auto& request : abandoned) CHECK(request.expired());
+  const std::lock_guard lock(gate->mutex);
+  CHECK(gate->started.size() == kBurst + 1 + kLive);
+  for (const auto& [host, count] : gate->completed) {
+    INFO(host);
+    CHECK(count == 1);
+    CHECK(host.rfind("abandoned", 0) == std::string::npos);
+  }
+}
+
 TEST_CASE("a Resolver destroyed during a lookup returns at once and the worker finishes alone",
           "[resolver][threads]") {
   auto gate = std::make_shared<Gate>();

@@ -25,13 +25,14 @@
 // once per outcome: a connection (conn set, ec empty, address the one that won; the connection
 // may already be closing if its on_open closed it or threw) or a failure (conn
 // null; ec says what failed: an error in resolve_category() for the lookup, timed_out,
-// connection_refused, network_unreachable, host_unreachable, ...; address the last one tried,
-// empty when no address was reached). After cancel(), disconnect() or the destructor no
-// on_result runs. It may destroy the Connector, or call connect(), cancel() or disconnect(), and
-// so may the handler's hooks; inside the new connection's on_open, which runs before on_result,
-// connection() is already set (and if on_open calls one of them, or destroys the connector, no
-// on_result follows). Exceptions from on_result are dropped. One exception to "on the loop, never
-// inside another hook": out of memory for a reconnect's timer, on_result(nullptr,
+// connection_refused, network_unreachable, host_unreachable, ...; address the one whose attempt
+// failed with ec (at the deadline: the attempt still in flight), empty when no address was
+// reached: the name did not resolve, or the arguments were bad). After cancel(), disconnect() or
+// the destructor no on_result runs. It may destroy the Connector, or call connect(), cancel() or
+// disconnect(), and so may the handler's hooks; inside the new connection's on_open, which runs
+// before on_result, connection() is already set (and if on_open calls one of them, or destroys the
+// connector, no on_result follows). Exceptions from on_result are dropped. One exception to "on the
+// loop, never inside another hook": out of memory for a reconnect's timer, on_result(nullptr,
 // not_enough_memory) runs inside the dropped connection's on_close, before the handler's own.
 //
 // Handler: as for any Connection (concepts.hpp), with hooks taking the connection as `auto&`
@@ -340,7 +341,8 @@ class Connector : private detail::ConnectorLink {
   // from the moment it closes (before its on_close).
   connection_type* connection() const noexcept { return connection_; }
 
-  // The address that won while connected; otherwise the last one tried (empty if none).
+  // The address that won while connected; otherwise the one whose failure last_error() reports
+  // (empty if none).
   const Endpoint& address() const noexcept { return address_; }
 
   // The most recent attempt's error (kept while retrying); empty after a success.
@@ -514,7 +516,7 @@ class Connector : private detail::ConnectorLink {
     const Clock::time_point now = detail::clock_now<Sys>();
     if (now >= deadline_ && state_ != ConnectorState::kIdle &&
         state_ != ConnectorState::kConnected) {
-      // Name the attempt still in flight that started last, else the last one tried.
+      // Name the attempt still in flight that started last, else the last one that failed.
       fail(std::make_error_code(std::errc::timed_out),
            attempts_.empty() ? address_ : attempts_.back()->address);
       return;
@@ -592,7 +594,6 @@ class Connector : private detail::ConnectorLink {
   // Opens a socket and connects it: connected at once (a Unix socket) and won, in flight, or
   // failed at once (last_error_ says why).
   Started start_attempt(const Endpoint& address, Clock::time_point now) noexcept {
-    address_ = address;  // the last one tried
     const int fd = Sys::socket(address.family(), SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0) {
       note_failure(detail::last_errno_code(), address);
@@ -695,7 +696,6 @@ class Connector : private detail::ConnectorLink {
     abandon();
     address_ = address;
     last_error_ = {};
-    reconnecting_ = false;
     state_ = ConnectorState::kConnected;
     const std::uint64_t generation = generation_;
     std::error_code ec;
@@ -726,6 +726,7 @@ class Connector : private detail::ConnectorLink {
       round_failed(detail::clock_now<Sys>());
       return;
     }
+    reconnecting_ = false;
     report(connection, {}, address);
   }
 

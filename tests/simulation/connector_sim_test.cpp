@@ -2,13 +2,14 @@
 // (tests/support/sim_kernel.hpp), in virtual time, where instants are exact: a refused connect, a
 // SYN that waits at a full accept queue until the attempt times out (or for an hour, with no
 // attempt_timeout), the overall deadline, Happy Eyeballs (the fallback when one family is refused,
-// the stagger, the family order), retries with backoff and jitter from a seed (durations of
-// milliseconds::max() kept to 365 days), reconnect (growing gaps, the reset after a connection that
-// stayed up, retrying a server that went away until it is back or the deadline passes, none during
-// a graceful shutdown), cancel() and destruction in every state and from every callback, and the
-// faults of each syscall the connector makes (an attempt that fails inside socket() or connect()
-// starts the next address at once; a winner that cannot become a connection leaves the epoll set
-// before its close). Most run in both trigger modes.
+// the stagger, the family order, a host without IPv6 that retries its IPv4 address), retries with
+// backoff and jitter from a seed (durations of milliseconds::max() kept to 365 days), reconnect
+// (growing gaps, the reset after a connection that stayed up, retrying a server that went away
+// until it is back or the deadline passes, none during a graceful shutdown), cancel() and
+// destruction in every state and from every callback, and the faults of each syscall the connector
+// makes (an attempt that fails inside socket() or connect() starts the next address at once; a
+// winner that cannot become a connection leaves the epoll set before its close). Most run in both
+// trigger modes.
 //
 // Host names are not simulated (a lookup runs on a resolver thread, and the simulation is
 // single-threaded): every target here is a numeric endpoint, which skips the resolver.
@@ -51,9 +52,6 @@ using Clock = std::chrono::steady_clock;
 using reactor::ConnectorState;
 using std::chrono::milliseconds;
 using Sys = sim::SimSyscalls;
-
-template <class Trigger>
-using SimLoop = reactor::Reactor<Trigger, sim::SimSyscalls>;
 
 // epoll_wait calls at one virtual instant with nothing moving that the kernel reports as a spin.
 constexpr std::size_t kSpinLimit = 100;
@@ -163,15 +161,32 @@ struct Server {
   }
 };
 
+// The simulated kernel of a host without IPv6 (booted with ipv6.disable=1): socket(AF_INET6)
+// fails with EAFNOSUPPORT, as Linux's inet6_create is then never registered and __sock_create
+// finds no family (socket(2)). The fault chooser cannot tell families apart (it sees socket()
+// before its arguments), hence a policy of its own; every other call is the sim's.
+struct NoIpv6Syscalls : sim::SimSyscalls {
+  static inline int refused = 0;  // socket(AF_INET6) calls failed so far
+
+  static int socket(int domain, int type, int protocol) noexcept {
+    if (domain == AF_INET6) {
+      ++refused;
+      errno = EAFNOSUPPORT;
+      return -1;
+    }
+    return sim::SimSyscalls::socket(domain, type, protocol);
+  }
+};
+
 // --- the world -----------------------------------------------------------------------------------
 
 // A simulated kernel, a reactor on it, and the logs, declared so that the logs outlive the reactor
 // (whose destructor closes the connections still open) and the kernel outlives both. Connectors
 // and acceptors are declared by each test after its World, so they go first.
-template <class Trigger>
+template <class Trigger, class Syscalls = sim::SimSyscalls>
 class World {
  public:
-  using Loop = SimLoop<Trigger>;
+  using Loop = reactor::Reactor<Trigger, Syscalls>;
   using Dialer = reactor::Connector<Client, Record, Loop>;
   using ServerAcceptor = reactor::Acceptor<Server<Loop>, Loop>;
 
@@ -768,6 +783,142 @@ TEMPLATE_TEST_CASE("Happy Eyeballs tries IPv6 and IPv4 alternately and IPv6 firs
         0);
   check_released(world, dialer, fds);
   CHECK(world.calls().size() == 4);
+}
+
+// One address's permanent error (socket(AF_INET6) fails with EAFNOSUPPORT on a host without IPv6)
+// does not stop the retries that another address's refusal calls for, nor replace that refusal as
+// the round's error. Fails on the connector of 1b164b1: the round took the error of its last
+// address, the second IPv6 one, and address_family_not_supported is not retried: one round only,
+// reported as that.
+TEMPLATE_TEST_CASE(
+    "an address whose family the host lacks does not stop the retries or replace the refusal",
+    "[connector][simulation]", reactor::LevelTriggered, reactor::EdgeTriggered) {
+  NoIpv6Syscalls::refused = 0;
+  World<TestType, NoIpv6Syscalls> world;
+  const std::size_t fds = world.kernel.open_fds();
+  reactor::ConnectOptions options;
+  options.retry.tries = 3;
+  options.retry.initial = 100ms;
+  options.retry.multiplier = 2;
+  options.seed = 31;
+  typename World<TestType, NoIpv6Syscalls>::Dialer dialer(world.loop, Client{&world.client},
+                                                          Record{&world.results}, options);
+  const Clock::time_point t0 = world.now();
+  // Happy Eyeballs order v6, v4, v6; nothing listens on the IPv4 port (refused).
+  dialer.connect(
+      std::vector<reactor::Endpoint>{ep("[::1]:8010"), ep("127.0.0.1:8010"), ep("[::1]:8011")});
+  REQUIRE(world.run_until([&] { return world.has_outcome(); }, 10s));
+  world.run_for(10s);
+
+  // Three rounds, each: v6 fails inside socket(), v4 starts at once and is refused, the second v6
+  // fails inside socket(); then the backoff, [50, 100] and [100, 200] ms.
+  const auto calls = world.calls();
+  REQUIRE(calls.size() == 3);
+  CHECK(ms(t0, calls[0].at) == 0);
+  const double waits[] = {ms(calls[0].at, calls[1].at), ms(calls[1].at, calls[2].at)};
+  CAPTURE(waits[0], waits[1]);
+  CHECK(waits[0] >= 50);
+  CHECK(waits[0] <= 100);
+  CHECK(waits[1] >= 100);
+  CHECK(waits[1] <= 200);
+  for (const auto& call : calls) {
+    CHECK(call.family == AF_INET);
+    CHECK(call.port == 8010);
+    CHECK(call.error == EINPROGRESS);
+  }
+  CHECK(NoIpv6Syscalls::refused == 6);
+
+  REQUIRE(world.results.outcomes.size() == 1);
+  const Outcome& outcome = world.results.outcomes.front();
+  CHECK(outcome.at == calls[2].at);  // the last round's refusal comes at once
+  CHECK_FALSE(outcome.connected);
+  CHECK(outcome.ec == std::errc::connection_refused);
+  CHECK(outcome.address == ep("127.0.0.1:8010"));
+  CHECK(dialer.state() == ConnectorState::kIdle);
+  CHECK(dialer.last_error() == std::errc::connection_refused);
+  CHECK(dialer.address() == ep("127.0.0.1:8010"));
+  check_released(world, dialer, fds);
+}
+
+// The same for a reconnect: while the server is away, IPv6 keeps failing inside socket() and IPv4
+// is refused, and the reconnect goes on until the IPv4 listener is back. Fails on the connector of
+// 1b164b1: the first reconnect round ended with address_family_not_supported, reported as a
+// failure, and the connector gave up.
+TEMPLATE_TEST_CASE(
+    "a reconnect goes on while one address's family is lacking and connects when the server is "
+    "back",
+    "[connector][simulation][reconnect]", reactor::LevelTriggered, reactor::EdgeTriggered) {
+  NoIpv6Syscalls::refused = 0;
+  using W = World<TestType, NoIpv6Syscalls>;
+  using Loop = typename W::Loop;
+  W world;
+  const reactor::Endpoint target = ep("127.0.0.1:8020");
+  const std::size_t fds = world.kernel.open_fds();
+  std::optional<typename W::ServerAcceptor> acceptor;
+  acceptor.emplace(world.loop, target,
+                   Server<Loop>{.loop = &world.loop, .log = &world.server, .close_at_once = true});
+  reactor::ConnectOptions options;
+  options.reconnect = true;  // retry.tries stays 1
+  options.retry.initial = 100ms;
+  options.retry.multiplier = 2;
+  options.seed = 37;
+  typename W::Dialer dialer(world.loop, Client{&world.client}, Record{&world.results}, options);
+  const Clock::time_point t0 = world.now();
+  dialer.connect(std::vector<reactor::Endpoint>{ep("[::1]:8020"), target, ep("[::1]:8021")});
+  REQUIRE(world.run_until([&] { return world.client.closed.size() == 1; }));
+  REQUIRE(world.results.outcomes.size() == 1);
+  CHECK(world.results.outcomes[0].connected);
+  CHECK(world.results.outcomes[0].address == target);
+  CHECK(ms(t0, world.results.outcomes[0].at) == 0);
+  CHECK(ms(t0, world.client.closed[0]) == 0);  // the server closed it at once
+  CHECK(NoIpv6Syscalls::refused == 1);         // IPv4 won before the second IPv6 address began
+  REQUIRE(dialer.state() == ConnectorState::kWaiting);
+  acceptor.reset();  // the server goes away: IPv4 is refused from now on
+
+  // Three reconnect rounds, each refused on IPv4 and failing twice on IPv6; nothing is reported.
+  REQUIRE(world.run_until(
+      [&] { return world.calls().size() == 4 && dialer.state() == ConnectorState::kWaiting; },
+      10s));
+  CHECK(NoIpv6Syscalls::refused == 1 + 3 * 2);
+  CHECK(dialer.last_error() == std::errc::connection_refused);
+  CHECK(dialer.address() == target);
+  CHECK(world.results.outcomes.size() == 1);
+
+  // The IPv4 listener is back: the next round connects (IPv6 failing first, as always).
+  acceptor.emplace(world.loop, target, Server<Loop>{.loop = &world.loop, .log = &world.server});
+  REQUIRE(world.run_until([&] { return world.results.outcomes.size() == 2; }, 10s));
+  const auto calls = world.calls();
+  REQUIRE(calls.size() == 5);
+  for (const auto& call : calls) {
+    CHECK(call.family == AF_INET);
+    CHECK(call.port == 8020);
+    CHECK(call.error == EINPROGRESS);
+  }
+  // The reconnect's delay after the drop is backoff(0), in [50, 100] ms.
+  const double after_drop = ms(world.client.closed[0], calls[1].at);
+  CHECK(after_drop >= 50);
+  CHECK(after_drop <= 100);
+  CHECK(NoIpv6Syscalls::refused == 8);  // 1, 2 per refused round, 1 (IPv4 won before the last)
+  const Outcome& outcome = world.results.outcomes[1];
+  CHECK(outcome.at == calls[4].at);
+  CHECK(outcome.connected);
+  CHECK_FALSE(outcome.ec);
+  CHECK(outcome.address == target);
+  REQUIRE(world.client.opened.size() == 2);
+  CHECK(world.client.opened[1] == calls[4].at);
+  CHECK(dialer.state() == ConnectorState::kConnected);
+  CHECK_FALSE(dialer.last_error());
+
+  // The new connection works, and stays.
+  REQUIRE(world.client.send);
+  CHECK(world.client.send("v4"));
+  REQUIRE(world.run_until([&] { return world.client.input == "v4"; }, 1s));
+  world.run_for(10s);
+  CHECK(world.calls().size() == 5);
+  CHECK(world.results.outcomes.size() == 2);
+  CHECK(world.server.accepted == 2);
+  CHECK(world.loop.pending_timers() == 0);
+  CHECK(world.kernel.open_fds() == fds + 3);  // the listener and the connection's two ends
 }
 
 // --- retries -------------------------------------------------------------------------------------
@@ -1797,4 +1948,154 @@ TEMPLATE_TEST_CASE(
     CHECK(world.server.accepted == 1);
     check_released(world, dialer, fds);
   }
+}
+
+// A winner whose hand-over fails (the EPOLL_CTL_MOD that re-points it fails with ENOMEM) is a
+// round's failure: retried like any other, and a connect() with retry.tries 2 connects on its
+// second round, with one outcome, the connection. Fails on the connector of 1b164b1: the failure
+// was reported at once (not_enough_memory at +0) and no round followed.
+TEMPLATE_TEST_CASE("a failed hand-over is retried as a round and the next round connects",
+                   "[connector][simulation]", reactor::LevelTriggered, reactor::EdgeTriggered) {
+  int injected = 0;        // declared before the kernel, whose fault chooser uses them
+  bool connected = false;  // SO_ERROR said 0: the next epoll_ctl is Connection::open's MOD
+  World<TestType> world;
+  const reactor::Endpoint target = ep("127.0.0.1:8030");
+  auto acceptor = world.serve("127.0.0.1:8030");
+  const std::size_t fds = world.kernel.open_fds();
+  world.kernel.set_faults([&](sim::Op op, int) {
+    if (op == sim::Op::kGetsockopt && injected == 0) connected = true;  // the first hand-over
+    if (op == sim::Op::kEpollCtl && std::exchange(connected, false)) {
+      ++injected;
+      return sim::Fault{ENOMEM};
+    }
+    return sim::Fault{};
+  });
+  world.kernel.record_fd_calls();
+  reactor::ConnectOptions options;
+  options.retry.tries = 2;
+  options.retry.initial = 100ms;
+  options.retry.multiplier = 2;
+  options.seed = 41;
+  typename World<TestType>::Dialer dialer(world.loop, Client{&world.client}, Record{&world.results},
+                                          options);
+  const Clock::time_point t0 = world.now();
+  dialer.connect(target);
+  REQUIRE(world.run_until([&] { return world.has_outcome(); }, 10s));
+
+  const auto calls = world.calls();
+  REQUIRE(calls.size() == 2);
+  CHECK(ms(t0, calls[0].at) == 0);
+  const double wait = ms(calls[0].at, calls[1].at);  // backoff(0)
+  CAPTURE(wait);
+  CHECK(wait >= 50);
+  CHECK(wait <= 100);
+  CHECK(injected == 1);
+  // The first round's winner left the epoll set and was closed.
+  CHECK(fd_history(world.kernel, calls[0].fd) ==
+        std::vector<std::string>{"ADD 0", "MOD ENOMEM", "DEL 0", "close 0"});
+  const Outcome& outcome = world.results.outcomes.front();
+  CHECK(outcome.at == calls[1].at);
+  CHECK(outcome.connected);
+  CHECK_FALSE(outcome.ec);
+  CHECK(outcome.address == target);
+  REQUIRE(world.client.opened.size() == 1);  // no hook ran for the first
+  CHECK(world.client.opened[0] == calls[1].at);
+  CHECK(dialer.state() == ConnectorState::kConnected);
+  CHECK_FALSE(dialer.last_error());
+  REQUIRE(world.client.send);
+  CHECK(world.client.send("second"));
+  REQUIRE(world.run_until([&] { return world.client.input == "second"; }, 1s));
+  CHECK(world.server.accepted == 2);
+  CHECK(world.server.closed == 1);  // the first round's connection, closed by the client
+
+  dialer.disconnect();
+  REQUIRE(world.run_until(
+      [&] { return world.client.closed.size() == 1 && world.server.closed == 2; }, 5s));
+  world.run_for(5s);
+  CHECK(world.results.outcomes.size() == 1);
+  CHECK(world.calls().size() == 2);
+  CHECK(dialer.state() == ConnectorState::kIdle);
+  check_released(world, dialer, fds);
+}
+
+// The same during a reconnect: a hand-over that fails is one more round that failed, and the
+// reconnect goes on. Fails on the connector of 1b164b1: the failure was reported
+// (not_enough_memory) and the connector stopped reconnecting.
+TEMPLATE_TEST_CASE(
+    "a hand-over that fails during a reconnect is retried and the reconnect connects",
+    "[connector][simulation][reconnect]", reactor::LevelTriggered, reactor::EdgeTriggered) {
+  int injected = 0;        // declared before the kernel, whose fault chooser uses them
+  bool armed = false;      // the next hand-over's MOD fails
+  bool connected = false;  // SO_ERROR said 0: the next epoll_ctl is Connection::open's MOD
+  World<TestType> world;
+  const reactor::Endpoint target = ep("127.0.0.1:8040");
+  auto acceptor = world.serve("127.0.0.1:8040");
+  const std::size_t fds = world.kernel.open_fds();
+  world.kernel.set_faults([&](sim::Op op, int) {
+    if (op == sim::Op::kGetsockopt && armed) connected = true;
+    if (op == sim::Op::kEpollCtl && std::exchange(connected, false)) {
+      armed = false;
+      ++injected;
+      return sim::Fault{ENOMEM};
+    }
+    return sim::Fault{};
+  });
+  reactor::ConnectOptions options;
+  options.reconnect = true;  // retry.tries stays 1
+  options.retry.initial = 100ms;
+  options.retry.multiplier = 2;
+  options.seed = 43;
+  typename World<TestType>::Dialer dialer(world.loop, Client{&world.client}, Record{&world.results},
+                                          options);
+  const Clock::time_point t0 = world.now();
+  dialer.connect(target);
+  REQUIRE(world.run_until([&] { return world.has_outcome(); }));
+  CHECK(world.results.outcomes[0].connected);
+  CHECK(ms(t0, world.results.outcomes[0].at) == 0);
+  world.run_for(1s);
+
+  // The handler closes the connection; the reconnect's first hand-over fails.
+  REQUIRE(world.client.close);
+  world.client.close();  // FIN; the socket closes once the server's comes back
+  REQUIRE(world.run_until([&] { return world.client.closed.size() == 1; }, 1s));
+  CHECK(ms(t0, world.client.closed[0]) == 1000);
+  REQUIRE(dialer.state() == ConnectorState::kWaiting);
+  armed = true;
+  REQUIRE(world.run_until([&] { return world.results.outcomes.size() == 2; }, 10s));
+
+  const auto calls = world.calls();
+  REQUIRE(calls.size() == 3);
+  CHECK(injected == 1);
+  // The reconnect's delay after the drop is backoff(0), in [50, 100] ms, and so is the wait after
+  // its first round (the failed hand-over).
+  const double after_drop = ms(world.client.closed[0], calls[1].at);
+  const double wait = ms(calls[1].at, calls[2].at);
+  CAPTURE(after_drop, wait);
+  CHECK(after_drop >= 50);
+  CHECK(after_drop <= 100);
+  CHECK(wait >= 50);
+  CHECK(wait <= 100);
+  for (const auto& call : calls) CHECK(call.error == EINPROGRESS);
+  const Outcome& outcome = world.results.outcomes[1];
+  CHECK(outcome.at == calls[2].at);
+  CHECK(outcome.connected);
+  CHECK_FALSE(outcome.ec);
+  CHECK(outcome.address == target);
+  REQUIRE(world.client.opened.size() == 2);  // no hook ran for the failed hand-over
+  CHECK(world.client.opened[1] == calls[2].at);
+  CHECK(dialer.state() == ConnectorState::kConnected);
+  CHECK_FALSE(dialer.last_error());
+  REQUIRE(world.client.send);
+  CHECK(world.client.send("again"));
+  REQUIRE(world.run_until([&] { return world.client.input == "again"; }, 1s));
+  CHECK(world.server.accepted == 3);
+
+  dialer.disconnect();
+  REQUIRE(world.run_until(
+      [&] { return world.client.closed.size() == 2 && world.server.closed == 3; }, 5s));
+  world.run_for(5s);
+  CHECK(world.results.outcomes.size() == 2);
+  CHECK(world.calls().size() == 3);
+  CHECK(dialer.state() == ConnectorState::kIdle);
+  check_released(world, dialer, fds);
 }
