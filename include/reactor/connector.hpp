@@ -417,22 +417,11 @@ class Connector : private detail::ConnectorLink {
     address_ = {};
   }
 
-  // Inside connect(): a timer that cannot be scheduled (no memory) throws from connect() instead of
-  // being reported through on_result, which must not run inside it.
   void begin() {
     const Clock::time_point now = detail::clock_now<Sys>();
     deadline_ = after(now, options_.deadline);
     tries_ = 0;
-    in_connect_ = true;
-    try {
-      start_round(now);
-    } catch (...) {
-      in_connect_ = false;
-      abandon();
-      state_ = ConnectorState::kIdle;
-      throw;
-    }
-    in_connect_ = false;
+    inside_connect([&] { start_round(now); });
   }
 
   // Bad arguments: fail on the next loop iteration, not inside connect().
@@ -440,10 +429,20 @@ class Connector : private detail::ConnectorLink {
     last_error_ = ec;
     address_ = {};
     refused_ = true;
-    in_connect_ = true;
-    try {
+    inside_connect([&] {
       state_ = ConnectorState::kWaiting;
       arm_timer(detail::clock_now<Sys>());
+    });
+  }
+
+  // Runs connect()'s part that arms the timer: a timer that cannot be scheduled (no memory)
+  // throws from connect(), leaving the connector idle, instead of being reported through
+  // on_result, which must not run inside connect().
+  template <class F>
+  void inside_connect(F&& f) {
+    in_connect_ = true;
+    try {
+      f();
     } catch (...) {
       in_connect_ = false;
       abandon();
