@@ -134,25 +134,10 @@ class LineClient {
 
   // The exit status once the client has exited (-1: killed by a signal); nullopt after kLimit.
   std::optional<int> wait_exit() {
-    const auto deadline = Clock::now() + kLimit;
-    reactor::UniqueFd pidfd;
-#ifdef SYS_pidfd_open
-    pidfd.reset(static_cast<int>(::syscall(SYS_pidfd_open, pid_, 0u)));
-#endif
-    for (;;) {
-      int status = 0;
-      const pid_t result = ::waitpid(pid_, &status, WNOHANG);
-      if (result == pid_) {
-        reaped_ = true;
-        return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-      }
-      if ((result < 0 && errno != EINTR) || Clock::now() >= deadline) return std::nullopt;
-      if (pidfd) {
-        poll_one(pidfd.get(), POLLIN, std::min(deadline, Clock::now() + 100ms));
-      } else {
-        ::poll(nullptr, 0, 10);  // no pidfd (Linux < 5.3): look again shortly
-      }
-    }
+    const std::optional<int> status = reap(pid_, Clock::now() + kLimit);
+    if (!status) return std::nullopt;
+    reaped_ = true;
+    return WIFEXITED(*status) ? WEXITSTATUS(*status) : -1;
   }
 
  private:

@@ -77,6 +77,27 @@ bool eventually(Condition condition, Clock::duration limit = kLimit) {
   }
 }
 
+// Waits for child `pid` to exit and reaps it; its wait status, or nullopt if it still runs at
+// `deadline` (or waitpid fails). A pidfd (Linux 5.3) becomes readable when the process exits;
+// without one, it looks again every 10 ms.
+inline std::optional<int> reap(pid_t pid, Clock::time_point deadline) {
+  reactor::UniqueFd pidfd;
+#ifdef SYS_pidfd_open
+  pidfd.reset(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0u)));
+#endif
+  for (;;) {
+    int status = 0;
+    const pid_t result = ::waitpid(pid, &status, WNOHANG);
+    if (result == pid) return status;
+    if ((result < 0 && errno != EINTR) || Clock::now() >= deadline) return std::nullopt;
+    if (pidfd) {
+      poll_one(pidfd.get(), POLLIN, std::min(deadline, Clock::now() + 100ms));
+    } else {
+      ::poll(nullptr, 0, 10);
+    }
+  }
+}
+
 // --- The server process --------------------------------------------------------------------------
 
 // Where a ServerProcess's stderr goes: the test's own (the default), or a pipe the test reads
@@ -211,27 +232,9 @@ class ServerProcess {
 
   // Waits for the server to exit; its wait status, or nullopt if it still runs after `limit`.
   std::optional<int> wait_exit(Clock::duration limit = kLimit) {
-    const auto deadline = Clock::now() + limit;
-    // A pidfd (Linux 5.3) becomes readable when the process exits; without one, poll briefly.
-    reactor::UniqueFd pidfd;
-#ifdef SYS_pidfd_open
-    pidfd.reset(static_cast<int>(::syscall(SYS_pidfd_open, pid_, 0u)));
-#endif
-    for (;;) {
-      int status = 0;
-      const pid_t result = ::waitpid(pid_, &status, WNOHANG);
-      if (result == pid_) {
-        reaped_ = true;
-        return status;
-      }
-      if (result < 0 && errno != EINTR) return std::nullopt;
-      if (Clock::now() >= deadline) return std::nullopt;
-      if (pidfd) {
-        poll_one(pidfd.get(), POLLIN, std::min(deadline, Clock::now() + 100ms));
-      } else {
-        ::poll(nullptr, 0, 10);
-      }
-    }
+    const std::optional<int> status = reap(pid_, Clock::now() + limit);
+    if (status) reaped_ = true;
+    return status;
   }
 
   // utime + stime so far, from /proc/PID/stat.
