@@ -1522,6 +1522,49 @@ TEMPLATE_TEST_CASE("an abstract Unix socket endpoint connects", "[connector][uni
   CHECK(test::open_fd_count() == fds_at_start);
 }
 
+// A non-blocking connect() on a Unix socket that fails with EINTR did nothing (unlike TCP's,
+// which goes on asynchronously): the connector must call it again. Linux rarely returns it, so a
+// policy interrupts the first Unix connect() before it reaches the kernel. Fails on the connector
+// of c162907, which waited for EPOLLOUT as for TCP: an unconnected Unix socket polls writable, its
+// SO_ERROR is 0, and it reported a connection the listener never saw.
+struct InterruptFirstUnixConnect : reactor::LinuxSyscalls {
+  static inline int interrupted = 0;
+  static int connect(int fd, const sockaddr* address, socklen_t length) noexcept {
+    if (address->sa_family == AF_UNIX && interrupted == 0) {
+      ++interrupted;
+      errno = EINTR;
+      return -1;
+    }
+    return ::connect(fd, address, length);
+  }
+};
+
+TEST_CASE("a Unix connect interrupted by EINTR is called again and really connects",
+          "[connector][unix]") {
+  using Loop = reactor::Reactor<reactor::LevelTriggered, InterruptFirstUnixConnect>;
+  const std::size_t fds_at_start = test::open_fd_count();
+  {
+    InterruptFirstUnixConnect::interrupted = 0;
+    Outcomes outcomes;
+    Tally tally;
+    Loop loop;
+    const Endpoint name = abstract_endpoint("eintr");
+    Server<Loop> server(loop, name);
+    tally.greeting = test::pattern(20000, 7);
+    Client<Loop> client(loop, ClientHandler{&tally}, Record{&outcomes});
+    client.connect(name);
+    REQUIRE(test::run_until(loop, [&] { return tally.received.size() >= tally.greeting.size(); }));
+    CHECK(InterruptFirstUnixConnect::interrupted == 1);
+    REQUIRE(outcomes.list.size() == 1);
+    CHECK(outcomes.list[0].connection != nullptr);
+    CHECK_FALSE(outcomes.list[0].ec);
+    CHECK(server.accepted_count() == 1);
+    CHECK(tally.received == tally.greeting);  // echoed: the listener had the connection
+    CHECK(tally.closed == 0);
+  }
+  CHECK(test::open_fd_count() == fds_at_start);
+}
+
 // A Unix socket's connect() answers EAGAIN while its listener's queue is full, and nothing is in
 // progress to wait for: the connector calls connect() again, backing off, until there is room or
 // the attempt times out. Both fail on the connector of b4541f8, where EAGAIN failed the connect at
