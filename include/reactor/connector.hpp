@@ -45,7 +45,6 @@
 // connect()ing again, leaves it open (and no longer reconnected).
 #pragma once
 
-#include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/epoll.h>
@@ -56,7 +55,6 @@
 #include <chrono>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <memory>
 #include <string>
@@ -170,19 +168,12 @@ struct Dialed : Handler {
 };
 
 // A numeric IPv4 or IPv6 address ("127.0.0.1", "::1", "[::1]"), or an empty endpoint: a name.
+// "localhost" is a name here (Endpoint::from_host_port takes it for 127.0.0.1), so that the
+// resolver answers for it, ::1 included.
 inline Endpoint numeric_endpoint(std::string_view host, std::uint16_t port) noexcept {
-  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
-    host = host.substr(1, host.size() - 2);
-  }
-  if (host.empty() || host.size() >= INET6_ADDRSTRLEN || host == "localhost") return {};
-  char text[INET6_ADDRSTRLEN] = {};
-  std::memcpy(text, host.data(), host.size());
-  in6_addr probe{};
-  if (::inet_pton(AF_INET, text, &probe) != 1 && ::inet_pton(AF_INET6, text, &probe) != 1) {
-    return {};
-  }
+  if (host == "localhost") return {};
   std::error_code ec;
-  return Endpoint::from_host_port(host, port, ec);
+  return Endpoint::from_host_port(host, port, ec);  // empty, with ec set, for a name
 }
 
 // The order Happy Eyeballs tries addresses in: IPv6 and IPv4 alternating, IPv6 first, each family
