@@ -1,6 +1,6 @@
-// Public: Acceptor<Handler, Reactor>, a listening socket (TCP over IPv4/IPv6, or Unix domain) that
-// accepts connections and hands each to its reactor as a Connection<Handler> with a copy of the
-// prototype handler.
+// Public: Acceptor<Handler, Reactor, Transport>, a listening socket (TCP over IPv4/IPv6, or Unix
+// domain) that accepts connections and hands each to its reactor as a Connection<Handler> with a
+// copy of the prototype handler (and of a prototype transport: TLS, see reactor/tls.hpp).
 //
 // Running out of fds (EMFILE, ENFILE) or kernel memory (ENOBUFS, ENOMEM) never busy-loops: the
 // acceptor stops watching the listener and retries when one of the reactor's connections closes,
@@ -75,7 +75,7 @@ struct ListenOptions {
   ConnectionOptions connection;  // applied to every accepted connection
 };
 
-template <class Handler, class R = Reactor<>>
+template <class Handler, class R = Reactor<>, class Transport = PlainTransport>
 class Acceptor : private detail::Watcher {
   using Sys = typename R::syscalls;
   using Clock = std::chrono::steady_clock;
@@ -98,6 +98,30 @@ class Acceptor : private detail::Watcher {
   Acceptor(R& loop, const Endpoint& endpoint, Handler prototype, const ListenOptions& options,
            std::error_code& ec) noexcept
       : Watcher(&on_watcher_op), loop_(&loop), prototype_(std::move(prototype)), options_(options) {
+    const char* what = nullptr;
+    ec = open(endpoint, what);
+  }
+
+  // As the two above, each accepted connection getting a copy of `transport` (TlsTransport: the
+  // server's TlsContext, see reactor/tls.hpp).
+  Acceptor(R& loop, const Endpoint& endpoint, Transport transport, Handler prototype,
+           const ListenOptions& options = {})
+      : Watcher(&on_watcher_op),
+        loop_(&loop),
+        prototype_(std::move(prototype)),
+        options_(options),
+        transport_(std::move(transport)) {
+    const char* what = nullptr;
+    if (const std::error_code ec = open(endpoint, what)) detail::throw_error(ec, what);
+  }
+
+  Acceptor(R& loop, const Endpoint& endpoint, Transport transport, Handler prototype,
+           const ListenOptions& options, std::error_code& ec) noexcept
+      : Watcher(&on_watcher_op),
+        loop_(&loop),
+        prototype_(std::move(prototype)),
+        options_(options),
+        transport_(std::move(transport)) {
     const char* what = nullptr;
     ec = open(endpoint, what);
   }
@@ -455,9 +479,10 @@ class Acceptor : private detail::Watcher {
     std::error_code ec;
     try {
       Handler handler = prototype_;
-      Connection<Handler, R>::open(*loop_, socket, std::move(handler), options_.connection,
-                                   !local_.is_unix(), ec);
-    } catch (...) {  // copying the prototype threw
+      Connection<Handler, R, Transport>::open(*loop_, socket, std::move(handler),
+                                              options_.connection, !local_.is_unix(), ec, false,
+                                              Transport(transport_));
+    } catch (...) {  // copying a prototype threw
       Sys::close(socket);
       ec = make_error_code(Error::kHandlerException);
     }
@@ -470,6 +495,7 @@ class Acceptor : private detail::Watcher {
   R* loop_;
   Handler prototype_;
   ListenOptions options_;
+  [[no_unique_address]] Transport transport_;
   Endpoint local_;
   detail::FdWaiter fd_waiter_;
   detail::ListenerNode listener_;

@@ -91,6 +91,15 @@ concept HasOnShutdown = requires(H& handler, Conn& connection) {
   handler.on_shutdown(connection);
 };
 
+// on_handshake_failed(c, reason): a transport with a handshake (TLS) could not complete it (a
+// bad certificate, a timeout, a peer that closed or sent garbage). on_open never ran, so on_close
+// will not run either: this is the one report, after the fd is closed; the connection is freed
+// when the hook returns. Without it the failure is silent (a server's usual choice).
+template <class H, class Conn>
+concept HasOnHandshakeFailed = requires(H& handler, Conn& connection, std::error_code reason) {
+  handler.on_handshake_failed(connection, reason);
+};
+
 namespace detail {
 
 // Converts to any lvalue reference: calling a hook with it finds a member of that name whatever
@@ -130,6 +139,7 @@ REACTOR_DETAIL_NAMES_HOOK(on_drain)
 REACTOR_DETAIL_NAMES_HOOK(on_eof)
 REACTOR_DETAIL_NAMES_HOOK(on_close)
 REACTOR_DETAIL_NAMES_HOOK(on_shutdown)
+REACTOR_DETAIL_NAMES_HOOK(on_handshake_failed)
 #undef REACTOR_DETAIL_NAMES_HOOK
 
 }  // namespace detail
@@ -159,6 +169,9 @@ constexpr bool check_handler() noexcept {
                 "on_close(Connection&, std::error_code)");
   static_assert(!detail::Names_on_shutdown<H> || HasOnShutdown<H, Conn>,
                 "reactor: on_shutdown is never called: it must be on_shutdown(Connection&)");
+  static_assert(!detail::Names_on_handshake_failed<H> || HasOnHandshakeFailed<H, Conn>,
+                "reactor: on_handshake_failed is never called: it must be "
+                "on_handshake_failed(Connection&, std::error_code)");
   return true;
 }
 

@@ -41,6 +41,7 @@
 #include "handle.hpp"
 #include "reactor.hpp"
 #include "timer.hpp"
+#include "transport.hpp"
 
 namespace reactor {
 
@@ -76,6 +77,7 @@ struct ConnectionOptions {
 
 // What state() reports: where a connection is in its lifecycle.
 enum class ConnectionState : std::uint8_t {
+  kHandshaking,   // a transport with a handshake (TLS) has not finished it: on_open has not run
   kOpen,          // reading and writing (the peer may have half-closed: see on_eof)
   kShuttingDown,  // shutdown() was called: output flushes, then FIN; reading goes on
   kClosing,       // close() was called: input is dropped, output flushes, then the socket closes
@@ -83,9 +85,16 @@ enum class ConnectionState : std::uint8_t {
   kClosed,        // the socket is closed; on_close runs after the current dispatch
 };
 
-template <class Handler, class R = Reactor<>>
+// Transport: how bytes reach the socket (transport.hpp); PlainTransport, the default, costs nothing.
+// With one that has a handshake (TlsTransport, reactor/tls.hpp) the connection starts in
+// kHandshaking: on_open runs once the handshake is done, and a failed one is reported to
+// on_handshake_failed instead of on_close.
+template <class Handler, class R = Reactor<>, class Transport = PlainTransport>
 class Connection final : private detail::OwnedWatcher {
   using Sys = typename R::syscalls;
+  static_assert(reactor::Transport<Transport, Sys>,
+                "reactor: Connection's transport must model reactor::Transport (transport.hpp)");
+  static constexpr bool kHandshake = Transport::kHandshake;
   using Clock = std::chrono::steady_clock;
   static constexpr bool kEdge = R::kEdgeTriggered;
   static constexpr int kMaxIovecs = 64;
@@ -93,6 +102,7 @@ class Connection final : private detail::OwnedWatcher {
  public:
   using handler_type = Handler;
   using reactor_type = R;
+  using transport_type = Transport;
 
   Connection(const Connection&) = delete;
   Connection& operator=(const Connection&) = delete;
@@ -100,6 +110,10 @@ class Connection final : private detail::OwnedWatcher {
   Handler& handler() noexcept { return handler_; }
   const Handler& handler() const noexcept { return handler_; }
   R& reactor() noexcept { return *loop_; }
+
+  // The transport: for TLS, the negotiated protocol, ALPN, peer certificate, kernel offload.
+  Transport& transport() noexcept { return transport_; }
+  const Transport& transport() const noexcept { return transport_; }
 
   // The socket, or -1 once closed. Do not close it, and do not dup it (a dup would keep it in the
   // epoll set after the connection closed).
@@ -111,6 +125,8 @@ class Connection final : private detail::OwnedWatcher {
 
   ConnectionState state() const noexcept {
     switch (phase_) {
+      case Phase::kHandshake:
+        return ConnectionState::kHandshaking;
       case Phase::kOpen:
         return ConnectionState::kOpen;
       case Phase::kShutdown:
@@ -136,7 +152,7 @@ class Connection final : private detail::OwnedWatcher {
     const char* bytes = static_cast<const char*>(data);
     if (output_.empty()) {
       while (size > 0) {
-        const ssize_t n = Sys::send(fd, bytes, size, MSG_NOSIGNAL);
+        const ssize_t n = transport_.template send<Sys>(fd, bytes, size);
         if (n >= 0) {
           last_write_ = loop_->activity_now();  // send() may run outside the loop
           bytes += n;
@@ -148,7 +164,7 @@ class Connection final : private detail::OwnedWatcher {
           if (!rearm_after_full_write()) return false;
           break;
         }
-        fail(detail::last_errno_code());
+        fail(transport_.error());
         return false;
       }
       if (size == 0) return true;
@@ -198,6 +214,10 @@ class Connection final : private detail::OwnedWatcher {
   // input: what on_data returns is then ignored.
   void close() noexcept {
     if (phase_ >= Phase::kClosing) return;
+    if (phase_ == Phase::kHandshake) {  // nothing of the user's to flush: the handshake is dropped
+      close_now(std::make_error_code(std::errc::operation_canceled));
+      return;
+    }
     const bool fin_sent = phase_ == Phase::kFinSent;
     phase_ = Phase::kClosing;
     drop_input();
@@ -242,9 +262,13 @@ class Connection final : private detail::OwnedWatcher {
   // short read. in_epoll: the fd is already in the loop's epoll set (a Connector's socket, which
   // waited there for its connect to complete), so it is re-pointed at the connection with one
   // EPOLL_CTL_MOD instead of added; the caller drops its own watcher's queued events (forget()).
-  // During a graceful shutdown the new connection is served out like the others.
+  // During a graceful shutdown the new connection is served out like the others. transport: a
+  // prototype for this connection (TlsTransport: the context, and for a client the peer's name);
+  // with a handshake, on_open runs once it is done (a failure goes to on_handshake_failed), and a
+  // graceful shutdown lets a handshake in progress finish (or time out), then serves it out.
   static Connection* open(R& loop, int fd, Handler&& handler, const ConnectionOptions& options,
-                          bool tcp, std::error_code& ec, bool in_epoll = false) noexcept {
+                          bool tcp, std::error_code& ec, bool in_epoll = false,
+                          Transport transport = Transport()) noexcept {
     static_assert(check_handler<Handler, Connection>());
     ec.clear();
     if (loop.destroying()) {  // an on_close adopting while the reactor is destroyed
@@ -254,7 +278,7 @@ class Connection final : private detail::OwnedWatcher {
     }
     Connection* connection = nullptr;
     try {
-      connection = new Connection(loop, fd, std::move(handler), options);
+      connection = new Connection(loop, fd, std::move(handler), options, std::move(transport));
     } catch (const std::bad_alloc&) {
       ec = std::make_error_code(std::errc::not_enough_memory);
     } catch (...) {
@@ -270,17 +294,21 @@ class Connection final : private detail::OwnedWatcher {
       Sys::close(fd);
       return nullptr;
     }
-    if (tcp) connection->flags_ |= kShortReadDrains | kTcp;
+    if (tcp) connection->flags_ |= Transport::kShortReadDrains ? kShortReadDrains | kTcp : kTcp;
     const std::uint32_t events =
         kEdge ? EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET | (tcp ? EPOLLPRI : 0u)
               : EPOLLIN | EPOLLRDHUP;
     connection->registered = in_epoll;  // so that discard() takes it out of the set on failure
     if ((ec = in_epoll ? loop.modify(*connection, events) : loop.add(*connection, events)) ||
-        (ec = connection->arm_timeouts(detail::clock_now<Sys>()))) {
+        (ec = connection->start_transport())) {
       connection->discard();
       return nullptr;
     }
     loop.link_connection(*connection);
+    if constexpr (kHandshake) {
+      connection->drive_handshake();  // a client's hello goes out now; a server's may be in
+      return connection;
+    }
     if constexpr (HasOnOpen<Handler, Connection>) {
       connection->guarded([connection] { connection->handler_.on_open(*connection); });
     }
@@ -291,6 +319,7 @@ class Connection final : private detail::OwnedWatcher {
  private:
   // The lifecycle; the order matters: reading is possible up to kFinSent, sending only in kOpen.
   enum class Phase : std::uint8_t {
+    kHandshake,  // the transport's handshake (TLS); timer: the handshake timeout
     kOpen,       // timer: the timeout check (if any timeout is set, or during a graceful stop)
     kShutdown,   // shutdown() called, output still flushing; timer: the timeout check
     kFinSent,    // shutdown()'s FIN is out; reading until the peer's EOF; timer: the timeout check
@@ -311,9 +340,12 @@ class Connection final : private detail::OwnedWatcher {
     kInOnData = 1 << 6,         // on_data is running: the bytes it was given must stay alive
     kDraining = 1 << 7,         // a graceful shutdown is serving this connection out
     kTcp = 1 << 8,              // TCP, not AF_UNIX: SIOCOUTQ counts bytes not yet delivered
+    kHandshakeWrite = 1 << 9,   // the handshake waits for the socket to be writable
+    kNeverOpened = 1 << 10,     // the handshake never finished: on_handshake_failed, not on_close
   };
 
-  Connection(R& loop, int socket, Handler&& handler, const ConnectionOptions& options)
+  Connection(R& loop, int socket, Handler&& handler, const ConnectionOptions& options,
+             Transport&& transport)
       : OwnedWatcher(&on_watcher_op),
         loop_(&loop),
         high_water_(clamp32(options.high_water)),
@@ -324,9 +356,16 @@ class Connection final : private detail::OwnedWatcher {
         read_timeout_ms_(milliseconds32(options.read_timeout)),
         write_timeout_ms_(milliseconds32(options.write_timeout)),
         linger_timeout_ms_(milliseconds32(options.linger_timeout)),
+        transport_(std::move(transport)),
         handler_(std::move(handler)) {
     fd = socket;
     if (high_water_ == 0) high_water_ = 1;
+    if constexpr (kHandshake) {
+      phase_ = Phase::kHandshake;
+      flags_ |= kNeverOpened;
+    } else {
+      phase_ = Phase::kOpen;
+    }
   }
 
   ~Connection() = default;
@@ -379,6 +418,13 @@ class Connection final : private detail::OwnedWatcher {
   }
 
   void handle_events(std::uint32_t events) noexcept {
+    if constexpr (kHandshake) {
+      if (phase_ == Phase::kHandshake) {
+        // An error or hang-up surfaces in the handshake's own read or write, with its reason.
+        drive_handshake();
+        return;
+      }
+    }
     if (phase_ == Phase::kLingering) {
       // Everything was delivered and FIN sent: an error now (the peer's RST) only ends the wait,
       // as its EOF would; discard_input() reads it and closes with an empty reason.
@@ -434,6 +480,65 @@ class Connection final : private detail::OwnedWatcher {
     }
   }
 
+  // open(): sets the transport up on the socket and, with a handshake, arms its timeout; otherwise
+  // starts the timeout clock.
+  std::error_code start_transport() noexcept {
+    if constexpr (kHandshake) {
+      static_assert(HandshakeTransport<Transport, Sys>);
+      std::error_code ec;
+      transport_.template start<Sys>(fd, ec);
+      if (ec) return ec;
+      const std::chrono::milliseconds timeout = transport_.handshake_timeout();
+      if (timeout.count() <= 0) return {};
+      return set_timer(detail::saturating_add(detail::clock_now<Sys>(), timeout));
+    } else {
+      return arm_timeouts(detail::clock_now<Sys>());
+    }
+  }
+
+  // kHandshake: one step of the transport's handshake, then wait for what it asks for.
+  void drive_handshake() noexcept {
+    if constexpr (kHandshake) {
+      switch (transport_.template handshake<Sys>(fd)) {
+        case HandshakeStatus::kDone:
+          handshake_done();
+          return;
+        case HandshakeStatus::kWantRead:
+          flags_ &= ~kHandshakeWrite;
+          break;
+        case HandshakeStatus::kWantWrite:
+          flags_ |= kHandshakeWrite;
+          break;
+        case HandshakeStatus::kFailed:
+          fail(transport_.error());
+          return;
+      }
+      // Edge mode is registered for both directions and learns of each from its edge.
+      update_interest();
+    }
+  }
+
+  // kHandshake -> kOpen: the timeout clock starts, on_open runs, then input that came with the
+  // handshake's last flight (no readiness will announce what the transport already holds).
+  void handshake_done() noexcept {
+    phase_ = Phase::kOpen;
+    flags_ &= ~(kNeverOpened | kHandshakeWrite);
+    if (timer_) loop_->cancel(std::exchange(timer_, TimerId{}));
+    if (const std::error_code ec = arm_timeouts(loop_->cached_now())) {
+      fail(ec);
+      return;
+    }
+    update_interest();
+    if (fd < 0) return;
+    if constexpr (HasOnOpen<Handler, Connection>) {
+      if (!guarded([this] { handler_.on_open(*this); }) || fd < 0) return;
+    }
+    if (loop_->draining()) begin_drain();
+    if (fd >= 0 && reading_enabled() && (kEdge || transport_.has_buffered_input())) {
+      loop_->schedule_ready(*this);
+    }
+  }
+
   // Level-triggered: one read per readiness event. Edge-triggered: read until EAGAIN, at most
   // max_reads_per_wakeup times, then yield through the ready list. On TCP a short read also ends
   // it — the receive queue was empty, so the next byte brings a new edge, and the EAGAIN read is
@@ -446,12 +551,17 @@ class Connection final : private detail::OwnedWatcher {
     int budget = kEdge ? loop_->max_reads_per_wakeup() : 1;
     bool first = true;
     while (reading_enabled()) {
-      const ssize_t n = Sys::read(fd, buffer, capacity);
+      const ssize_t n = transport_.template read<Sys>(fd, buffer, capacity);
       if (n > 0) {
         first = false;
         last_read_ = loop_->cached_now();
         deliver(buffer, static_cast<std::size_t>(n));
-        if (!kEdge) return;
+        if constexpr (!kEdge) {
+          // Bytes the transport holds (a TLS record read whole) raise no readiness: read on
+          // through the ready list.
+          if (transport_.has_buffered_input() && reading_enabled()) loop_->schedule_ready(*this);
+          return;
+        }
         if (static_cast<std::size_t>(n) < capacity &&
             (flags_ & (kShortReadDrains | kPeerClosing)) == kShortReadDrains) {
           return;
@@ -468,8 +578,8 @@ class Connection final : private detail::OwnedWatcher {
       }
       if (errno == EINTR) continue;
       if (errno != EAGAIN && errno != EWOULDBLOCK) {
-        fail(detail::last_errno_code());
-      } else if (kEdge && first && woken_by_epoll) {
+        fail(transport_.error());
+      } else if (kEdge && Transport::kEagainIsFinal && first && woken_by_epoll) {
         // Woken for input that is not there: a stale edge, or an EAGAIN that was not the kernel's
         // last word (a layer under the syscall policy). Re-arming makes epoll look again and queue
         // a new edge if input is in fact ready; it costs a syscall only on such wakeups.
@@ -490,7 +600,7 @@ class Connection final : private detail::OwnedWatcher {
       redeliver_kept_input();
       if (!reading_enabled()) return;
     }
-    if constexpr (kEdge) read_some(false);
+    if (kEdge || transport_.has_buffered_input()) read_some(false);
   }
 
   // Hands the input kept while reading was paused back to on_data (resume_reading() asked for it).
@@ -514,7 +624,7 @@ class Connection final : private detail::OwnedWatcher {
     last_read_ = loop_->activity_now();
     if (!input_.empty()) flags_ |= kRedeliverInput;
     // Edge mode: bytes that arrived while paused raised no new edge, so go and read them.
-    if (kEdge || !input_.empty()) loop_->schedule_ready(*this);
+    if (kEdge || !input_.empty() || transport_.has_buffered_input()) loop_->schedule_ready(*this);
     update_interest();
   }
 
@@ -592,17 +702,14 @@ class Connection final : private detail::OwnedWatcher {
       const int count = output_.gather(vectors, kMaxIovecs);
       std::size_t wanted = 0;
       for (int i = 0; i < count; ++i) wanted += vectors[i].iov_len;
-      msghdr message{};
-      message.msg_iov = vectors;
-      message.msg_iovlen = static_cast<std::size_t>(count);
-      const ssize_t n = Sys::sendmsg(fd, &message, MSG_NOSIGNAL);
+      const ssize_t n = transport_.template sendv<Sys>(fd, vectors, count);
       if (n < 0) {
         if (errno == EINTR) continue;
         if (errno == EAGAIN || errno == EWOULDBLOCK) {
           if (!rearm_after_full_write()) return;
           break;
         }
-        fail(detail::last_errno_code());
+        fail(transport_.error());
         return;
       }
       output_.consume(pool, static_cast<std::size_t>(n));
@@ -637,8 +744,8 @@ class Connection final : private detail::OwnedWatcher {
 
   // kShutdown -> kFinSent, output flushed. Closes at once if the peer's EOF came already.
   void send_fin() noexcept {
-    if (Sys::shutdown(fd, SHUT_WR) != 0) {
-      fail(detail::last_errno_code());
+    if (transport_.template shutdown_write<Sys>(fd) != 0) {
+      fail(transport_.error());
       return;
     }
     phase_ = Phase::kFinSent;
@@ -654,10 +761,11 @@ class Connection final : private detail::OwnedWatcher {
   // fin_sent: shutdown() sent FIN already.
   void finish_close(bool fin_sent) noexcept {
     if ((flags_ & kEof) != 0 || linger_timeout_ms_ == 0) {
+      if (!fin_sent) transport_.template before_close<Sys>(fd);
       close_now({});
       return;
     }
-    if (!fin_sent && Sys::shutdown(fd, SHUT_WR) != 0) {
+    if (!fin_sent && transport_.template shutdown_write<Sys>(fd) != 0) {
       // Reset under us: what was flushed may not have arrived. shutdown() then says ENOTCONN,
       // which hides the cause; SO_ERROR has it.
       const int error = errno;
@@ -725,6 +833,16 @@ class Connection final : private detail::OwnedWatcher {
   void update_interest() noexcept {
     if constexpr (!kEdge) {
       if (fd < 0) return;
+      if constexpr (kHandshake) {
+        if (phase_ == Phase::kHandshake) {
+          const std::uint32_t wanted = (flags_ & kHandshakeWrite) != 0
+                                           ? static_cast<std::uint32_t>(EPOLLOUT)
+                                           : static_cast<std::uint32_t>(EPOLLIN | EPOLLRDHUP);
+          if (wanted == interest) return;
+          if (const std::error_code ec = loop_->modify(*this, wanted)) fail(ec);
+          return;
+        }
+      }
       if (!registered) {         // out of the epoll set after EPOLLHUP while paused
         if (!output_.empty()) {  // something to write after all: back in, for EPOLLOUT
           if (const std::error_code ec = rejoin(EPOLLOUT)) fail(ec);
@@ -804,6 +922,9 @@ class Connection final : private detail::OwnedWatcher {
   void on_timer() noexcept {
     timer_ = {};
     switch (phase_) {
+      case Phase::kHandshake:
+        fail(std::make_error_code(std::errc::timed_out));
+        return;
       case Phase::kLingering:
         // The peer never sent its FIN: close anyway. Orderly if the kernel delivered everything;
         // bytes it still holds could be lost to an RST, so say that they were not confirmed.
@@ -875,6 +996,7 @@ class Connection final : private detail::OwnedWatcher {
   // Reactor::shutdown() began: serve the connection out. With an on_shutdown hook the handler
   // decides when to close; without, the connection closes once quiet (check_timeouts).
   void begin_drain() noexcept {
+    if (phase_ == Phase::kHandshake) return;  // handshake_done() serves it out once it is done
     if (phase_ >= Phase::kClosing || (flags_ & kDraining) != 0) return;
     flags_ |= kDraining;
     if constexpr (HasOnShutdown<Handler, Connection>) {
@@ -918,6 +1040,19 @@ class Connection final : private detail::OwnedWatcher {
 
   void finalize() noexcept {
     loop_->count_shutdown_close(reason_);
+    if constexpr (kHandshake) {
+      if ((flags_ & kNeverOpened) != 0) {
+        if constexpr (HasOnHandshakeFailed<Handler, Connection>) {
+          try {
+            handler_.on_handshake_failed(*this, reason_);
+          } catch (...) {
+            // As for on_close: nothing is left to report to.
+          }
+        }
+        delete this;
+        return;
+      }
+    }
     if constexpr (HasOnClose<Handler, Connection>) {
       try {
         handler_.on_close(*this, reason_);
@@ -964,9 +1099,10 @@ class Connection final : private detail::OwnedWatcher {
   TimerId timer_;
   Clock::time_point last_read_{};
   Clock::time_point last_write_{};
-  Phase phase_ = Phase::kOpen;
+  Phase phase_;
   std::uint16_t flags_ = 0;  // Flag bits
   std::error_code reason_;
+  [[no_unique_address]] Transport transport_;
   [[no_unique_address]] Handler handler_;
 };
 

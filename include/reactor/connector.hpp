@@ -1,4 +1,4 @@
-// Public: Connector<Handler, OnResult, Reactor>, outbound connections made on the loop without
+// Public: Connector<Handler, OnResult, Reactor, Transport>, outbound connections made on the loop without
 // blocking it: host names resolved on worker threads (resolver.hpp), non-blocking connects
 // (EINPROGRESS, then EPOLLOUT and SO_ERROR), Happy Eyeballs v2 over several addresses (RFC 8305),
 // a timeout per attempt and an overall deadline, retries with exponential backoff and jitter, and
@@ -20,6 +20,12 @@
 // handler that threw): then idle, with on_result(nullptr, error, address). Each state owns what it
 // holds: resolving a lookup request, connecting the attempt sockets, waiting nothing but the timer;
 // the one timer serves whichever deadline is earliest.
+//
+// With a transport that has a handshake (TLS: TlsConnector in reactor/tls.hpp) a connection is
+// reported once its handshake is done; the connector stays `connecting` meanwhile (cancel()
+// aborts the handshake). A failed handshake fails the round like a refused connect: timeouts and
+// socket errors are retried, certificate and protocol errors are not (on_result gets the error;
+// the handler's on_handshake_failed is not called for a connector's connections).
 //
 // Callbacks: on_result(conn, ec, address) runs on the loop thread, never from inside connect(),
 // once per outcome: a connection (conn set, ec empty, address the one that won; the connection
@@ -134,15 +140,18 @@ struct ConnectOptions {
 
 namespace detail {
 
-// How a connection made by a connector tells it that it opened (before the user's on_open) and
-// that it closed (before the user's on_close).
+// How a connection made by a connector tells it that it opened (before the user's on_open), that
+// a handshake finished (after the user's on_open) or failed, and that it closed (before the
+// user's on_close).
 struct ConnectorLink {
   using Opened = void (*)(ConnectorLink& link, void* connection) noexcept;
   using Dropped = void (*)(ConnectorLink& link) noexcept;
-  ConnectorLink(Opened on_opened, Dropped on_dropped) noexcept
-      : opened(on_opened), dropped(on_dropped) {}
+  using Handshaken = void (*)(ConnectorLink& link, std::error_code ec) noexcept;
+  ConnectorLink(Opened on_opened, Dropped on_dropped, Handshaken on_handshaken) noexcept
+      : opened(on_opened), dropped(on_dropped), handshaken(on_handshaken) {}
   Opened opened;
   Dropped dropped;
+  Handshaken handshaken;
 };
 
 // The handler of a connection made by a connector: the user's, plus a link back that on_open and
@@ -156,6 +165,18 @@ struct Dialed : Handler {
   void on_open(Conn& connection) {
     if (reactor_link_ != nullptr) reactor_link_->opened(*reactor_link_, &connection);
     if constexpr (HasOnOpen<Handler, Conn>) Handler::on_open(connection);
+    // After a handshake the connector reports now (without one, it does once open() returns).
+    if constexpr (Conn::transport_type::kHandshake) {
+      if (reactor_link_ != nullptr) reactor_link_->handshaken(*reactor_link_, {});
+    }
+  }
+
+  // Reported to on_result instead (a handshake that failed is a failed connect).
+  template <class Conn>
+  void on_handshake_failed(Conn& /*connection*/, std::error_code reason) {
+    if (ConnectorLink* link = std::exchange(reactor_link_, nullptr)) {
+      link->handshaken(*link, reason ? reason : std::make_error_code(std::errc::not_connected));
+    }
   }
 
   template <class Conn>
@@ -199,14 +220,15 @@ inline std::vector<Endpoint> interleave_families(const std::vector<Endpoint>& ad
 
 }  // namespace detail
 
-template <class Handler, class OnResult, class R = Reactor<>>
+template <class Handler, class OnResult, class R = Reactor<>, class Transport = PlainTransport>
 class Connector : private detail::ConnectorLink {
   using Sys = typename R::syscalls;
   using Clock = std::chrono::steady_clock;
+  static constexpr bool kHandshake = Transport::kHandshake;
 
  public:
   using handler_type = detail::Dialed<Handler>;
-  using connection_type = Connection<handler_type, R>;
+  using connection_type = Connection<handler_type, R, Transport>;
 
   static_assert(
       requires(int fd, const sockaddr* address, void* value, socklen_t* length) {
@@ -231,12 +253,20 @@ class Connector : private detail::ConnectorLink {
   // connector. Allocates nothing until connect().
   Connector(R& loop, Handler prototype, OnResult on_result, const ConnectOptions& options = {},
             Resolver& resolver = Resolver::shared())
-      : ConnectorLink(&on_opened, &on_dropped),
+      : Connector(loop, Transport(), std::move(prototype), std::move(on_result), options,
+                  resolver) {}
+
+  // As above, each connection getting a copy of `transport` (TlsTransport: the client's
+  // TlsContext; its peer name, when empty, becomes the host given to connect(host, port)).
+  Connector(R& loop, Transport transport, Handler prototype, OnResult on_result,
+            const ConnectOptions& options = {}, Resolver& resolver = Resolver::shared())
+      : ConnectorLink(&on_opened, &on_dropped, &on_handshaken),
         loop_(&loop),
         resolver_(&resolver),
         prototype_(std::move(prototype)),
         on_result_(std::move(on_result)),
-        options_(options) {
+        options_(options),
+        transport_(std::move(transport)) {
     static_assert(ConnectionHandler<Handler, connection_type>,
                   "reactor: a Connector's handler must define on_data(auto& conn, "
                   "std::string_view); its hooks take the connection as auto& (its type is "
@@ -282,6 +312,9 @@ class Connector : private detail::ConnectorLink {
       return;
     }
     const auto port16 = static_cast<std::uint16_t>(port);
+    if constexpr (kHandshake) peer_name_.assign(host.starts_with('[') && host.ends_with(']')
+                                                    ? host.substr(1, host.size() - 2)
+                                                    : host);
     const Endpoint numeric = detail::numeric_endpoint(host, port16);
     if (numeric.empty()) {
       host_.assign(host);
@@ -374,10 +407,29 @@ class Connector : private detail::ConnectorLink {
   static void on_opened(ConnectorLink& link, void* connection) noexcept {
     auto& self = static_cast<Connector&>(link);
     self.connection_ = static_cast<connection_type*>(connection);
+    self.handshaking_ = nullptr;
     self.connected_at_ = detail::clock_now<Sys>();
   }
 
   static void on_dropped(ConnectorLink& link) noexcept { static_cast<Connector&>(link).dropped(); }
+
+  // The connection's handshake finished (after the user's on_open) or failed (instead of it).
+  static void on_handshaken(ConnectorLink& link, std::error_code ec) noexcept {
+    auto& self = static_cast<Connector&>(link);
+    self.handshaking_ = nullptr;
+    if (!ec) {
+      if (self.connection_ == nullptr) return;  // on_open closed it: on_close told us already
+      self.state_ = ConnectorState::kConnected;
+      self.reconnecting_ = false;
+      self.report(self.connection_, {}, self.address_);
+      return;
+    }
+    // A failed round: timeouts and socket errors may pass, certificates and protocols will not.
+    self.last_error_ = ec;
+    self.round_retriable_ = ec == std::errc::timed_out || ec.category() == std::system_category();
+    self.state_ = ConnectorState::kConnecting;
+    self.round_failed(detail::clock_now<Sys>());
+  }
 
   // A resolver worker, under the request's mutex (or the loop thread, when submit() could not
   // start a worker): only queue the result for the loop.
@@ -399,6 +451,7 @@ class Connector : private detail::ConnectorLink {
     cancel();
     untrack();
     host_.clear();
+    peer_name_.clear();
     addresses_.clear();
     reconnect_ = options_.reconnect;
     reconnecting_ = false;
@@ -690,12 +743,18 @@ class Connector : private detail::ConnectorLink {
     const std::uint64_t generation = generation_;
     std::error_code ec;
     connection_type* connection = nullptr;
+    if constexpr (kHandshake) state_ = ConnectorState::kConnecting;  // until the handshake is done
     const bool alive = call_user([&] {
       try {
         handler_type handler(prototype_, this);
+        Transport transport(transport_);
+        if constexpr (kHandshake) {
+          if (transport.peer_name().empty()) transport.set_peer_name(peer_name_);
+        }
         connection = connection_type::open(*loop_, fd, std::move(handler), options_.connection,
-                                           !address.is_unix(), ec, in_epoll != nullptr);
-      } catch (...) {               // copying the prototype threw
+                                           !address.is_unix(), ec, in_epoll != nullptr,
+                                           std::move(transport));
+      } catch (...) {               // copying a prototype threw
         if (in_epoll != nullptr) {  // out of the set before the close (a fork()ed child...)
           detail::Watcher held(nullptr);
           held.fd = fd;
@@ -714,6 +773,10 @@ class Connector : private detail::ConnectorLink {
       address_ = address;
       round_retriable_ = retriable(ec);
       round_failed(detail::clock_now<Sys>());
+      return;
+    }
+    if constexpr (kHandshake) {  // reported when the handshake is done (on_handshaken)
+      if (connection_ != connection) handshaking_ = connection;
       return;
     }
     reconnecting_ = false;
@@ -863,6 +926,10 @@ class Connector : private detail::ConnectorLink {
 
   // Releases everything the current state holds: attempt sockets, the lookup, the timer.
   void abandon() noexcept {
+    if (connection_type* connection = std::exchange(handshaking_, nullptr)) {
+      connection->handler().reactor_link_ = nullptr;  // cancelled: nothing more to report
+      connection->abort();
+    }
     while (!attempts_.empty()) {
       Attempt& attempt = *attempts_.back();
       loop_->remove(attempt);
@@ -894,6 +961,9 @@ class Connector : private detail::ConnectorLink {
   Handler prototype_;
   OnResult on_result_;
   ConnectOptions options_;
+  [[no_unique_address]] Transport transport_;
+  std::string peer_name_;                  // with a handshake: the host connect() was given
+  connection_type* handshaking_ = nullptr;  // with a handshake: the connection doing it
   ConnectorState state_ = ConnectorState::kIdle;
   bool reconnect_ = false;
   bool reconnecting_ = false;  // this connect started from a dropped connection, not connect()

@@ -77,7 +77,7 @@ class ConnectionHandle {
   friend bool operator==(const ConnectionHandle&, const ConnectionHandle&) = default;
 
  private:
-  template <class Handler, class Loop>
+  template <class Handler, class Loop, class Transport>
   friend class Connection;
 
   ConnectionHandle(R* loop, std::uint32_t index, std::uint32_t generation) noexcept

@@ -40,9 +40,9 @@
 
 namespace reactor {
 
-template <class Handler, class R>
+template <class Handler, class R, class Transport>
 class Connection;
-template <class Handler, class R>
+template <class Handler, class R, class Transport>
 class Acceptor;
 template <class R>
 class ConnectionHandle;
@@ -366,9 +366,9 @@ class Reactor {
   }
 
  private:
-  template <class Handler, class R>
+  template <class Handler, class R, class Transport>
   friend class Connection;
-  template <class Handler, class R>
+  template <class Handler, class R, class Transport>
   friend class Acceptor;
   template <class R>
   friend class ConnectionHandle;
