@@ -86,8 +86,8 @@ struct PlainTransport {
 
 // Checked where a Connection is instantiated.
 template <class T, class Sys>
-concept Transport = std::move_constructible<T> && requires(T t, int fd, char* buffer, const char* data,
-                                                std::size_t size, iovec* vectors) {
+concept Transport = std::move_constructible<T> &&
+    requires(T t, int fd, char* buffer, const char* data, std::size_t size, iovec* vectors) {
   { T::kHandshake } -> std::convertible_to<bool>;
   { T::kShortReadDrains } -> std::convertible_to<bool>;
   { T::kEagainIsFinal } -> std::convertible_to<bool>;
@@ -102,11 +102,11 @@ concept Transport = std::move_constructible<T> && requires(T t, int fd, char* bu
 
 // A transport with a handshake also has these (TlsTransport).
 template <class T, class Sys>
-concept HandshakeTransport =
-    Transport<T, Sys> && T::kHandshake && requires(T t, int fd, std::error_code& ec) {
-      { t.template start<Sys>(fd, ec) } -> std::same_as<void>;
-      { t.template handshake<Sys>(fd) } -> std::same_as<HandshakeStatus>;
-      { t.handshake_timeout() } -> std::convertible_to<std::chrono::milliseconds>;
-    };
+concept HandshakeTransport = Transport<T, Sys> && T::kHandshake &&
+    requires(T t, int fd, std::error_code& ec) {
+  { t.template start<Sys>(fd, ec) } -> std::same_as<void>;
+  { t.template handshake<Sys>(fd) } -> std::same_as<HandshakeStatus>;
+  { t.handshake_timeout() } -> std::convertible_to<std::chrono::milliseconds>;
+};
 
 }  // namespace reactor
