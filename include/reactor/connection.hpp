@@ -85,8 +85,8 @@ enum class ConnectionState : std::uint8_t {
   kClosed,        // the socket is closed; on_close runs after the current dispatch
 };
 
-// Transport: how bytes reach the socket (transport.hpp); PlainTransport, the default, costs nothing.
-// With one that has a handshake (TlsTransport, reactor/tls.hpp) the connection starts in
+// Transport: how bytes reach the socket (transport.hpp); PlainTransport, the default, costs
+// nothing. With one that has a handshake (TlsTransport, reactor/tls.hpp) the connection starts in
 // kHandshaking: on_open runs once the handshake is done, and a failed one is reported to
 // on_handshake_failed instead of on_close.
 template <class Handler, class R = Reactor<>, class Transport = PlainTransport>

@@ -1,5 +1,5 @@
-// Public: Connector<Handler, OnResult, Reactor, Transport>, outbound connections made on the loop without
-// blocking it: host names resolved on worker threads (resolver.hpp), non-blocking connects
+// Public: Connector<Handler, OnResult, Reactor, Transport>, outbound connections made on the loop
+// without blocking it: host names resolved on worker threads (resolver.hpp), non-blocking connects
 // (EINPROGRESS, then EPOLLOUT and SO_ERROR), Happy Eyeballs v2 over several addresses (RFC 8305),
 // a timeout per attempt and an overall deadline, retries with exponential backoff and jitter, and
 // an optional reconnect when the established connection drops. The connected socket becomes a
@@ -312,9 +312,9 @@ class Connector : private detail::ConnectorLink {
       return;
     }
     const auto port16 = static_cast<std::uint16_t>(port);
-    if constexpr (kHandshake) peer_name_.assign(host.starts_with('[') && host.ends_with(']')
-                                                    ? host.substr(1, host.size() - 2)
-                                                    : host);
+    if constexpr (kHandshake)
+      peer_name_.assign(
+          host.starts_with('[') && host.ends_with(']') ? host.substr(1, host.size() - 2) : host);
     const Endpoint numeric = detail::numeric_endpoint(host, port16);
     if (numeric.empty()) {
       host_.assign(host);
@@ -962,7 +962,7 @@ class Connector : private detail::ConnectorLink {
   OnResult on_result_;
   ConnectOptions options_;
   [[no_unique_address]] Transport transport_;
-  std::string peer_name_;                  // with a handshake: the host connect() was given
+  std::string peer_name_;                   // with a handshake: the host connect() was given
   connection_type* handshaking_ = nullptr;  // with a handshake: the connection doing it
   ConnectorState state_ = ConnectorState::kIdle;
   bool reconnect_ = false;
