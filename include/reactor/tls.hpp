@@ -40,6 +40,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
@@ -294,30 +295,27 @@ class TlsTransport {
     }
   }
 
+  // Writes like the kernel does: everything, or up to where the socket is full (a short count
+  // then means full, which edge mode relies on: its EPOLLOUT edge comes when the socket drains).
+  // OpenSSL writes one record per call (SSL_MODE_ENABLE_PARTIAL_WRITE), so this loops.
   template <class Sys>
   ssize_t send(int /*fd*/, const char* data, std::size_t size) noexcept {
-    std::size_t written = 0;
-    const int result = SSL_write_ex(ssl_, data, size, &written);
-    if (result == 1) return static_cast<ssize_t>(written);
-    return write_failed(result);
+    return write_all(data, size, 0);
   }
 
-  // One record per buffer (OpenSSL has no gathered write); stops at the first that does not go
-  // out whole. A record OpenSSL could not finish is kept by it and taken as done when the same
-  // bytes are offered again (SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER: the queue hands them back).
+  // One record per buffer at most (OpenSSL has no gathered write). A record OpenSSL could not
+  // finish stays in its buffer and is taken as done when the same bytes are offered again
+  // (SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER): the output queue keeps them until written, at the
+  // head of its first buffer.
   template <class Sys>
   ssize_t sendv(int /*fd*/, iovec* vectors, int count) noexcept {
     ssize_t total = 0;
     for (int i = 0; i < count; ++i) {
-      std::size_t written = 0;
-      const int result = SSL_write_ex(ssl_, vectors[i].iov_base, vectors[i].iov_len, &written);
-      if (result != 1) {
-        const ssize_t failure = write_failed(result);
-        if (total > 0 && errno == EAGAIN) return total;
-        return failure;
-      }
-      total += static_cast<ssize_t>(written);
-      if (written < vectors[i].iov_len) break;
+      const std::size_t size = vectors[i].iov_len;
+      const ssize_t n = write_all(static_cast<const char*>(vectors[i].iov_base), size, total);
+      if (n < 0) return -1;
+      total = n;
+      if (static_cast<std::size_t>(n) < size) break;
     }
     return total;
   }
@@ -404,6 +402,27 @@ class TlsTransport {
       return;
     }
     error_ = detail::tls_take_error(ssl_, errno_ != 0 ? errno_ : fallback);
+  }
+
+  // write_all: `done` bytes went out before this buffer; returns them plus what of it went out,
+  // or -1 (errno EAGAIN when nothing did and the socket is full; another error after failed()).
+  // Pieces are at most one output-queue buffer long: a record the socket had no room for must be
+  // offered again whole, and the queue (buffer.hpp) offers at most that much in its first iovec.
+  ssize_t write_all(const char* data, std::size_t size, ssize_t done) noexcept {
+    std::size_t sent = 0;
+    while (sent < size) {
+      const std::size_t piece = std::min(size - sent, ChunkPool::kChunkCapacity);
+      std::size_t written = 0;
+      const int result = SSL_write_ex(ssl_, data + sent, piece, &written);
+      if (result != 1) {
+        if (write_failed(result) < 0 && errno != EAGAIN) return -1;
+        const ssize_t total = done + static_cast<ssize_t>(sent);
+        if (total == 0) return -1;  // errno is EAGAIN
+        return total;
+      }
+      sent += written;
+    }
+    return done + static_cast<ssize_t>(sent);
   }
 
   ssize_t write_failed(int result) noexcept {
