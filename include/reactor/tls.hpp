@@ -260,6 +260,7 @@ class TlsTransport {
 
   template <class Sys>
   HandshakeStatus handshake(int /*fd*/) noexcept {
+    clear_stale_errors();
     const int result = SSL_do_handshake(ssl_);
     if (result == 1) {
       peer_name_ = std::string();  // the prototype's part is done: free it
@@ -279,6 +280,7 @@ class TlsTransport {
   template <class Sys>
   ssize_t read(int /*fd*/, char* buffer, std::size_t size) noexcept {
     std::size_t got = 0;
+    clear_stale_errors();
     const int result = SSL_read_ex(ssl_, buffer, size, &got);
     if (result == 1) return static_cast<ssize_t>(got);
     switch (SSL_get_error(ssl_, result)) {
@@ -386,6 +388,7 @@ class TlsTransport {
         (SSL_get_shutdown(ssl_) & SSL_SENT_SHUTDOWN) != 0) {
       return;
     }
+    clear_stale_errors();
     if (SSL_shutdown(ssl_) < 0) ERR_clear_error();
   }
 
@@ -413,6 +416,7 @@ class TlsTransport {
     while (sent < size) {
       const std::size_t piece = std::min(size - sent, ChunkPool::kChunkCapacity);
       std::size_t written = 0;
+      clear_stale_errors();
       const int result = SSL_write_ex(ssl_, data + sent, piece, &written);
       if (result != 1) {
         if (write_failed(result) < 0 && errno != EAGAIN) return -1;
@@ -423,6 +427,13 @@ class TlsTransport {
       sent += written;
     }
     return done + static_cast<ssize_t>(sent);
+  }
+
+  // SSL_get_error reads this thread's error queue: an entry left there by other code (the user's
+  // own OpenSSL calls, say) would turn this connection's "want read" into a failure. Ours are
+  // cleared as they are reported; peeking costs a thread-local lookup, clearing happens rarely.
+  static void clear_stale_errors() noexcept {
+    if (ERR_peek_error() != 0) ERR_clear_error();
   }
 
   ssize_t write_failed(int result) noexcept {
