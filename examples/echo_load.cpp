@@ -2,7 +2,7 @@
 // messages of SIZE bytes in flight, verifies every echoed byte and measures round-trip latency.
 //
 //   echo_load [--host HOST] --port N [--unix PATH] --conns N --size BYTES [--depth D] --seconds T
-//             [--connect-timeout MS]
+//             [--connect-timeout MS] [--tls [--tls-ca FILE | --tls-insecure] [--tls-name NAME]]
 //
 // --host defaults to 127.0.0.1, --depth to 1, --connect-timeout to 5000; --unix replaces
 // --host/--port. HOST is a numeric address (127.0.0.1, ::1, [::1]) or a name such as localhost,
@@ -17,10 +17,18 @@
 // unexpected close, an echo that does not come back within 5 s of the end), 2 on bad usage.
 // SIGINT/SIGTERM end the run early.
 //
+// --tls speaks TLS, verifying the server's certificate against the system's CA store, or the PEM
+// bundle --tls-ca names, or not at all with --tls-insecure; the name checked and sent as SNI is
+// --tls-name, by default --host (none with --unix). A failed handshake is reported as a failed
+// connect. Builds without OpenSSL refuse these flags (exit status 2).
+//
 // Each connection sends a byte pattern that is a function of (connection, stream offset), so a
 // lost, duplicated, reordered or crossed-over byte is detected without keeping what was sent.
 #include <sys/resource.h>
 #include <reactor.hpp>
+#if REACTOR_EXAMPLES_TLS
+#include <reactor/tls.hpp>
+#endif
 
 #include <algorithm>
 #include <cerrno>
@@ -66,6 +74,10 @@ struct Options {
   std::size_t depth = 1;
   double seconds = 0;
   std::uint32_t connect_timeout_ms = kDefaultConnectTimeoutMs;
+  bool tls = false;
+  std::string tls_ca;  // empty: the system's store
+  bool tls_insecure = false;
+  std::string tls_name;  // empty: the host connected to
 };
 
 // --- The byte pattern ----------------------------------------------------------------------------
@@ -332,22 +344,28 @@ struct LoadHandler {
 
 // --- Connecting ----------------------------------------------------------------------------------
 
+template <class Transport>
 struct Connecting;
 
 // Each connection's Connector reports here (on_result) whether it connected.
+template <class Transport>
 struct ConnectOutcome {
-  Connecting* tally;
+  Connecting<Transport>* tally;
   std::size_t index;
 
   void operator()(auto* connection, std::error_code ec,
                   const reactor::Endpoint& address) const noexcept;
 };
 
-using Dialer = reactor::Connector<LoadHandler, ConnectOutcome, Loop>;
-using Conn = Dialer::connection_type;
+// The connector of one connection: plain TCP (reactor::PlainTransport) or TLS.
+template <class Transport>
+using Dialer = reactor::Connector<LoadHandler, ConnectOutcome<Transport>, Loop, Transport>;
 
 // The connect phase: which connections are established, and the first failure.
+template <class Transport>
 struct Connecting {
+  using Conn = typename Dialer<Transport>::connection_type;
+
   explicit Connecting(std::size_t conns) : connections(conns, nullptr) {}
 
   std::vector<Conn*> connections;  // valid while the session is open
@@ -355,12 +373,13 @@ struct Connecting {
   std::vector<std::size_t> reported;  // connectors that are done, to be destroyed
   bool failed = false;
   std::size_t failed_index = 0;
-  std::error_code error;
+  std::error_code error;      // a failed TLS handshake's too: it fails the connect
   reactor::Endpoint address;  // empty: the host name was not resolved
 };
 
-void ConnectOutcome::operator()(auto* connection, std::error_code ec,
-                                const reactor::Endpoint& address) const noexcept {
+template <class Transport>
+void ConnectOutcome<Transport>::operator()(auto* connection, std::error_code ec,
+                                           const reactor::Endpoint& address) const noexcept {
   tally->reported.push_back(index);  // reserved for all: no allocation here
   if (connection != nullptr) {
     tally->connections[index] = connection;
@@ -391,7 +410,12 @@ void print_usage(std::FILE* out, const char* program) {
                "  --seconds T    run time (may be fractional)\n"
                "  --connect-timeout MS\n"
                "                 give up when a connection is not established within MS\n"
-               "                 milliseconds, name lookup included (1..%lu, default %lu)\n",
+               "                 milliseconds, name lookup included (1..%lu, default %lu)\n"
+               "  --tls          connect with TLS, verifying the server against the system's CAs\n"
+               "  --tls-ca FILE  ... against the CA certificates in PEM FILE instead\n"
+               "  --tls-insecure ... without verifying the server (self-signed test certificates)\n"
+               "  --tls-name NAME\n"
+               "                 the server name to verify and send as SNI (default: --host)\n",
                program, kMaxConns, kMaxSize, kMaxDepth,
                static_cast<unsigned long>(std::numeric_limits<std::uint32_t>::max()),
                static_cast<unsigned long>(kDefaultConnectTimeoutMs));
@@ -411,6 +435,10 @@ bool parse(int argc, char** argv, Options& options, bool& help) {
     if (arg == "--help" || arg == "-h") {
       help = true;
       return true;
+    }
+    if (arg == "--tls" || arg == "--tls-insecure") {  // the two flags without a value
+      (arg == "--tls" ? options.tls : options.tls_insecure) = true;
+      continue;
     }
     if (i + 1 >= argc) {
       std::fprintf(stderr, "echo_load: %s needs a value\n", argv[i]);
@@ -433,6 +461,12 @@ bool parse(int argc, char** argv, Options& options, bool& help) {
       ok = parse_number(value, options.depth) && options.depth >= 1 && options.depth <= kMaxDepth;
     } else if (arg == "--connect-timeout") {
       ok = parse_number(value, options.connect_timeout_ms) && options.connect_timeout_ms > 0;
+    } else if (arg == "--tls-ca") {
+      options.tls_ca = value;
+      ok = !value.empty();
+    } else if (arg == "--tls-name") {
+      options.tls_name = value;
+      ok = !value.empty();
     } else if (arg == "--seconds") {
       // strtod rather than from_chars<double>, which older standard libraries lack.
       const std::string text(value);
@@ -447,6 +481,23 @@ bool parse(int argc, char** argv, Options& options, bool& help) {
     }
     if (!ok) {
       std::fprintf(stderr, "echo_load: bad value for %s: '%s'\n", argv[i - 1], argv[i]);
+      return false;
+    }
+  }
+  if (options.tls || options.tls_insecure || !options.tls_ca.empty() || !options.tls_name.empty()) {
+#if !REACTOR_EXAMPLES_TLS
+    std::fprintf(stderr, "echo_load: built without TLS (install libssl-dev and rebuild)\n");
+    std::exit(2);
+#endif
+    const char* needs_tls = options.tls_insecure      ? "--tls-insecure"
+                            : !options.tls_ca.empty() ? "--tls-ca"
+                                                      : "--tls-name";
+    if (!options.tls) {
+      std::fprintf(stderr, "echo_load: %s needs --tls\n", needs_tls);
+      return false;
+    }
+    if (options.tls_insecure && !options.tls_ca.empty()) {
+      std::fprintf(stderr, "echo_load: --tls-ca and --tls-insecure exclude each other\n");
       return false;
     }
   }
@@ -521,12 +572,15 @@ std::chrono::milliseconds until(Clock::time_point deadline, Clock::time_point no
 }
 
 // Connects `options.conns` connections to `unix_endpoint`, or when it is empty to options.host
-// and options.port, concurrently, each through its own Connector; then runs the load over them.
-int run_load(const Options& options, const reactor::Endpoint& unix_endpoint) {
+// and options.port, concurrently, each through its own Connector with a copy of `transport`;
+// then runs the load over them.
+template <class Transport>
+int run_load(const Options& options, const reactor::Endpoint& unix_endpoint,
+             const Transport& transport) {
   // Declared before the reactor: on_close, called as late as the reactor's destructor, uses them.
   Run run(options);
   std::vector<Session> sessions(options.conns);
-  Connecting tally(options.conns);
+  Connecting<Transport> tally(options.conns);
   Loop loop;
   bool interrupted = false;
   reactor::SignalSet signals(loop, {SIGINT, SIGTERM}, [&](int) { interrupted = true; });
@@ -549,7 +603,7 @@ int run_load(const Options& options, const reactor::Endpoint& unix_endpoint) {
   // handshakes. Each connection has its own Connector, destroyed once it has reported (the
   // connection stays with the loop); at most kMaxConnecting of them at a time.
   {
-    std::vector<std::unique_ptr<Dialer>> dialers(options.conns);
+    std::vector<std::unique_ptr<Dialer<Transport>>> dialers(options.conns);
     tally.reported.reserve(options.conns);
     std::size_t started = 0;
     std::size_t finished = 0;
@@ -560,8 +614,9 @@ int run_load(const Options& options, const reactor::Endpoint& unix_endpoint) {
         session.seed = mix(started + 1);
         session.sent_at = run.send_times.data() + started * options.depth;
         auto& dialer = dialers[started];
-        dialer = std::make_unique<Dialer>(loop, LoadHandler{&run, &session},
-                                          ConnectOutcome{&tally, started}, connect_options);
+        dialer = std::make_unique<Dialer<Transport>>(loop, transport, LoadHandler{&run, &session},
+                                                     ConnectOutcome<Transport>{&tally, started},
+                                                     connect_options);
         if (unix_endpoint.empty()) {
           dialer->connect(options.host, options.port);
         } else {
@@ -676,7 +731,17 @@ int main(int argc, char** argv) {
   raise_fd_limit(options.conns);
 
   try {
-    return run_load(options, unix_endpoint);
+#if REACTOR_EXAMPLES_TLS
+    if (options.tls) {
+      reactor::TlsOptions tls;
+      tls.ca_file = options.tls_ca;
+      if (options.tls_insecure) tls.verify = reactor::TlsVerify::kNone;
+      const reactor::TlsContext context(reactor::TlsRole::kClient, tls);  // throws "tls: ..."
+      // An empty name: each Connector takes the host it connects to.
+      return run_load(options, unix_endpoint, reactor::TlsTransport(context, options.tls_name));
+    }
+#endif
+    return run_load(options, unix_endpoint, reactor::PlainTransport{});
   } catch (const std::exception& e) {
     std::fprintf(stderr, "echo_load: %s\n", e.what());
     return 1;

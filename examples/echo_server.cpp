@@ -20,10 +20,23 @@
 // thread with the fewest; the default for --unix), "round-robin" (the same, in turn) or
 // "exclusive" (one listener in every thread's epoll set, EPOLLEXCLUSIVE). Signals, the stop and
 // the report cover all threads.
+//
+//   echo_server ... --tls-cert FILE --tls-key FILE
+//
+// serves TLS instead (PEM certificate chain and unencrypted key, both or neither; builds without
+// OpenSSL refuse them with exit status 2). A certificate or key that cannot be loaded is reported
+// as "echo_server: tls: REASON", exit status 1. SIGHUP reloads both files: new handshakes use
+// them, open connections keep theirs; if the reload fails the old ones stay and a line says why.
+// Not yet with --threads N > 1 (exit status 2). With TLS the process ignores SIGPIPE, so that
+// kernel TLS can be used where the kernel has it.
 #include <reactor.hpp>
+#if REACTOR_EXAMPLES_TLS
+#include <reactor/tls.hpp>
+#endif
 
 #include <cerrno>
 #include <chrono>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -43,6 +56,8 @@ struct Options {
   double idle_timeout_seconds = 0;
   std::size_t threads = 1;
   std::optional<reactor::Balance> balance;  // default: reuseport for TCP, dispatch for --unix
+  std::string tls_cert;                     // both set: serve TLS
+  std::string tls_key;
 };
 
 // The whole protocol: send back what arrived. Backpressure needs no code here: when the peer
@@ -112,11 +127,49 @@ Options parse(int argc, char** argv) {
                      name.data());
         usage(argv[0]);
       }
+    } else if (arg == "--tls-cert") {
+      options.tls_cert = value();
+    } else if (arg == "--tls-key") {
+      options.tls_key = value();
     } else {
       usage(argv[0]);
     }
   }
+  if (options.tls_cert.empty() != options.tls_key.empty()) {
+    std::fprintf(stderr, "%s: --tls-cert and --tls-key go together\n", argv[0]);
+    usage(argv[0]);
+  }
+  if (!options.tls_cert.empty()) {
+#if !REACTOR_EXAMPLES_TLS
+    std::fprintf(stderr, "echo_server: built without TLS (install libssl-dev and rebuild)\n");
+    std::exit(2);
+#endif
+    if (options.threads > 1) {
+      std::fprintf(stderr, "echo_server: --threads with --tls-cert is not supported yet\n");
+      std::exit(2);
+    }
+  }
   return options;
+}
+
+reactor::ListenOptions listen_options(const Options& options) {
+  reactor::ListenOptions listen;
+  listen.connection.high_water = options.high_water;
+  listen.connection.low_water = options.high_water / 4;
+  listen.connection.max_pending_output = options.high_water * 4 + 64 * 1024;
+  listen.connection.idle_timeout =
+      std::chrono::milliseconds(static_cast<std::int64_t>(options.idle_timeout_seconds * 1000));
+  return listen;
+}
+
+reactor::Endpoint listen_endpoint(const Options& options) {
+  if (!options.unix_path.empty()) return reactor::Endpoint::unix_path(options.unix_path);
+  return reactor::Endpoint::from_host_port(options.host, options.port);
+}
+
+void print_report(const reactor::ShutdownReport& report) {
+  std::fprintf(stderr, "echo_server: shut down: %zu connections flushed, %zu aborted\n",
+               report.flushed, report.failed + report.aborted);
 }
 
 template <class Mode>
@@ -124,19 +177,8 @@ int serve(const Options& options) {
   using Loop = reactor::Reactor<Mode>;
   reactor::ReactorPool<Loop> pool(options.threads);
 
-  reactor::ListenOptions listen;
-  listen.connection.high_water = options.high_water;
-  listen.connection.low_water = options.high_water / 4;
-  listen.connection.max_pending_output = options.high_water * 4 + 64 * 1024;
-  listen.connection.idle_timeout =
-      std::chrono::milliseconds(static_cast<std::int64_t>(options.idle_timeout_seconds * 1000));
-
-  reactor::Endpoint endpoint;
-  if (!options.unix_path.empty()) {
-    endpoint = reactor::Endpoint::unix_path(options.unix_path);
-  } else {
-    endpoint = reactor::Endpoint::from_host_port(options.host, options.port);
-  }
+  const reactor::ListenOptions listen = listen_options(options);
+  const reactor::Endpoint endpoint = listen_endpoint(options);
   const reactor::Balance balance = options.balance.value_or(
       endpoint.is_unix() ? reactor::Balance::kLeastConnections : reactor::Balance::kReusePort);
   if (endpoint.is_unix() && balance == reactor::Balance::kReusePort && options.threads > 1) {
@@ -157,17 +199,58 @@ int serve(const Options& options) {
   pool.run();
   // Stop accepting, serve out what clients sent, abort what is left after 3 s or at a second
   // signal (the SignalSet still calls pool.stop(), which ends the grace period everywhere).
-  const reactor::ShutdownReport report = pool.shutdown(std::chrono::seconds(3));
-  std::fprintf(stderr, "echo_server: shut down: %zu connections flushed, %zu aborted\n",
-               report.flushed, report.failed + report.aborted);
+  print_report(pool.shutdown(std::chrono::seconds(3)));
   return 0;
 }
+
+#if REACTOR_EXAMPLES_TLS
+// The TLS server: one reactor (a PoolAcceptor takes no transport yet), otherwise as serve().
+template <class Mode>
+int serve_tls(const Options& options) {
+  reactor::TlsOptions tls;
+  tls.certificates.push_back(
+      reactor::TlsCertificate::from_files(options.tls_cert, options.tls_key));
+  reactor::TlsContext context(reactor::TlsRole::kServer, tls);  // throws "tls: ..."
+
+  using Loop = reactor::Reactor<Mode>;
+  Loop loop;
+  reactor::TlsAcceptor<Echo, Loop> acceptor(loop, listen_endpoint(options),
+                                            reactor::TlsTransport(context), Echo{},
+                                            listen_options(options));
+  reactor::SignalSet signals(loop, {SIGINT, SIGTERM, SIGHUP}, [&](int signal) {
+    if (signal != SIGHUP) {
+      loop.stop();
+      return;
+    }
+    if (const std::error_code ec = context.reload(tls)) {
+      std::fprintf(stderr, "echo_server: tls: reload failed, keeping the old certificate: %s\n",
+                   ec.message().c_str());
+    }
+  });
+
+  std::printf("listening on %s\n", acceptor.local_endpoint().to_string().c_str());
+  std::fflush(stdout);
+
+  loop.run();
+  print_report(loop.shutdown(std::chrono::seconds(3)));
+  return 0;
+}
+#endif
 
 }  // namespace
 
 int main(int argc, char** argv) {
   const Options options = parse(argc, argv);
   try {
+#if REACTOR_EXAMPLES_TLS
+    if (!options.tls_cert.empty()) {
+      // A program's choice (the library never changes signal dispositions): with SIGPIPE
+      // ignored, the TLS transport may hand the record layer to the kernel (kernel TLS).
+      std::signal(SIGPIPE, SIG_IGN);
+      return options.edge ? serve_tls<reactor::EdgeTriggered>(options)
+                          : serve_tls<reactor::LevelTriggered>(options);
+    }
+#endif
     return options.edge ? serve<reactor::EdgeTriggered>(options)
                         : serve<reactor::LevelTriggered>(options);
   } catch (const std::exception& e) {
