@@ -27,7 +27,7 @@
 // OpenSSL refuse them with exit status 2). A certificate or key that cannot be loaded is reported
 // as "echo_server: tls: REASON", exit status 1. SIGHUP reloads both files: new handshakes use
 // them, open connections keep theirs; if the reload fails the old ones stay and a line says why.
-// Not yet with --threads N > 1 (exit status 2). With TLS the process ignores SIGPIPE, so that
+// --threads and --balance work as without TLS. With TLS the process ignores SIGPIPE, so that
 // kernel TLS can be used where the kernel has it.
 #include <reactor.hpp>
 #if REACTOR_EXAMPLES_TLS
@@ -40,6 +40,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -144,10 +145,6 @@ Options parse(int argc, char** argv) {
     std::fprintf(stderr, "echo_server: built without TLS (install libssl-dev and rebuild)\n");
     std::exit(2);
 #endif
-    if (options.threads > 1) {
-      std::fprintf(stderr, "echo_server: --threads with --tls-cert is not supported yet\n");
-      std::exit(2);
-    }
   }
   return options;
 }
@@ -172,8 +169,11 @@ void print_report(const reactor::ShutdownReport& report) {
                report.flushed, report.failed + report.aborted);
 }
 
-template <class Mode>
-int serve(const Options& options) {
+// Transport: reactor::PlainTransport, or reactor::TlsTransport with `on_hangup` reloading the
+// certificate at SIGHUP (only then is SIGHUP caught).
+template <class Mode, class Transport = reactor::PlainTransport>
+int serve(const Options& options, Transport transport = {},
+          std::function<void()> on_hangup = nullptr) {
   using Loop = reactor::Reactor<Mode>;
   reactor::ReactorPool<Loop> pool(options.threads);
 
@@ -187,11 +187,15 @@ int serve(const Options& options) {
                  " dispatch, round-robin or exclusive\n");
     return 1;
   }
-  reactor::PoolAcceptor<Echo, Loop> acceptor(pool, endpoint, Echo{}, listen, balance);
+  reactor::PoolAcceptor<Echo, Loop, Transport> acceptor(pool, endpoint, std::move(transport),
+                                                        Echo{}, listen, balance);
 
   // Before run() starts the other threads, which inherit the blocked signals: only the signalfd,
   // on reactor 0, sees SIGINT and SIGTERM, and stops every thread.
   reactor::SignalSet signals(pool[0], {SIGINT, SIGTERM}, [&](int) { pool.stop(); });
+  std::optional<reactor::SignalSet<std::function<void(int)>, Loop>> hangup;
+  if (on_hangup)
+    hangup.emplace(pool[0], std::initializer_list<int>{SIGHUP}, [&](int) { on_hangup(); });
 
   std::printf("listening on %s\n", acceptor.local_endpoint().to_string().c_str());
   std::fflush(stdout);
@@ -204,36 +208,19 @@ int serve(const Options& options) {
 }
 
 #if REACTOR_EXAMPLES_TLS
-// The TLS server: one reactor (a PoolAcceptor takes no transport yet), otherwise as serve().
+// The TLS server: serve() with a TLS transport; SIGHUP reloads the certificate files.
 template <class Mode>
 int serve_tls(const Options& options) {
   reactor::TlsOptions tls;
   tls.certificates.push_back(
       reactor::TlsCertificate::from_files(options.tls_cert, options.tls_key));
   reactor::TlsContext context(reactor::TlsRole::kServer, tls);  // throws "tls: ..."
-
-  using Loop = reactor::Reactor<Mode>;
-  Loop loop;
-  reactor::TlsAcceptor<Echo, Loop> acceptor(loop, listen_endpoint(options),
-                                            reactor::TlsTransport(context), Echo{},
-                                            listen_options(options));
-  reactor::SignalSet signals(loop, {SIGINT, SIGTERM, SIGHUP}, [&](int signal) {
-    if (signal != SIGHUP) {
-      loop.stop();
-      return;
-    }
+  return serve<Mode>(options, reactor::TlsTransport(context), [&] {
     if (const std::error_code ec = context.reload(tls)) {
       std::fprintf(stderr, "echo_server: tls: reload failed, keeping the old certificate: %s\n",
                    ec.message().c_str());
     }
   });
-
-  std::printf("listening on %s\n", acceptor.local_endpoint().to_string().c_str());
-  std::fflush(stdout);
-
-  loop.run();
-  print_report(loop.shutdown(std::chrono::seconds(3)));
-  return 0;
 }
 #endif
 

@@ -35,7 +35,7 @@
 
 namespace reactor {
 
-template <class Handler, class R>
+template <class Handler, class R, class Transport>
 class PoolAcceptor;
 
 namespace detail {
@@ -139,7 +139,7 @@ class Acceptor : private detail::Watcher {
   void close() noexcept { close(false); }
 
  private:
-  template <class, class>
+  template <class, class, class>
   friend class PoolAcceptor;
 
   // For PoolAcceptor: an acceptor on `shared`, a listening socket bound to `endpoint` that other
@@ -147,13 +147,14 @@ class Acceptor : private detail::Watcher {
   // its own socket with its accepted sockets handed to `sink` (`shared` null).
   // The first acceptor of a shared socket (its fd still -1) opens it for all. `what` names the
   // call that failed, as for the throwing constructor.
-  Acceptor(R& loop, detail::SharedListener* shared, const Endpoint& endpoint, Handler prototype,
-           const ListenOptions& options, detail::AcceptSink sink, std::error_code& ec,
-           const char*& what) noexcept
+  Acceptor(R& loop, detail::SharedListener* shared, const Endpoint& endpoint, Transport transport,
+           Handler prototype, const ListenOptions& options, detail::AcceptSink sink,
+           std::error_code& ec, const char*& what) noexcept
       : Watcher(&on_watcher_op),
         loop_(&loop),
         prototype_(std::move(prototype)),
         options_(options),
+        transport_(std::move(transport)),
         shared_(shared),
         sink_(sink) {
     if (shared == nullptr) {

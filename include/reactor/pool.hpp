@@ -371,10 +371,10 @@ class ReactorPool {
 // How a PoolAcceptor spreads connections over its pool's reactors (see the top of this file).
 enum class Balance : std::uint8_t { kReusePort, kRoundRobin, kLeastConnections, kExclusive };
 
-template <class Handler, class R = Reactor<>>
+template <class Handler, class R = Reactor<>, class Transport = PlainTransport>
 class PoolAcceptor {
   using Sys = typename R::syscalls;
-  using Single = Acceptor<Handler, R>;
+  using Single = Acceptor<Handler, R, Transport>;
 
  public:
   // Listens on `endpoint` (port 0: an ephemeral port, the same for every listener of the
@@ -384,16 +384,25 @@ class PoolAcceptor {
   // a Unix socket.
   PoolAcceptor(ReactorPool<R>& pool, const Endpoint& endpoint, Handler prototype = Handler{},
                const ListenOptions& options = {}, Balance balance = Balance::kReusePort)
-      : pool_(&pool), balance_(pool.size() == 1 ? Balance::kReusePort : balance) {
+      : PoolAcceptor(pool, endpoint, Transport(), std::move(prototype), options, balance) {}
+
+  // As above, each connection getting a copy of `transport` (TlsTransport: the server's
+  // TlsContext, see reactor/tls.hpp), made on the thread of the reactor it joins.
+  PoolAcceptor(ReactorPool<R>& pool, const Endpoint& endpoint, Transport transport,
+               Handler prototype, const ListenOptions& options = {},
+               Balance balance = Balance::kReusePort)
+      : pool_(&pool),
+        balance_(pool.size() == 1 ? Balance::kReusePort : balance),
+        transport_(std::move(transport)) {
     const std::size_t n = pool.size();
     if (n == 1) {
-      acceptors_.push_back(
-          std::make_unique<Single>(pool[0], endpoint, std::move(prototype), options));
+      acceptors_.push_back(std::make_unique<Single>(pool[0], endpoint, Transport(transport_),
+                                                    std::move(prototype), options));
       local_ = acceptors_[0]->local_endpoint();
       return;
     }
     if (balance_ == Balance::kRoundRobin || balance_ == Balance::kLeastConnections) {
-      dispatch_ = std::make_shared<Dispatch>(pool, prototype, options.connection,
+      dispatch_ = std::make_shared<Dispatch>(pool, prototype, transport_, options.connection,
                                              !endpoint.is_unix(), balance_);
       detail::AcceptSink sink{&Dispatch::hand_off, dispatch_.get()};
       add(pool[0], nullptr, endpoint, std::move(prototype), options, sink);
@@ -490,10 +499,11 @@ class PoolAcceptor {
       std::atomic<std::uint64_t> failed{0};    // ...and could not open
     };
 
-    Dispatch(ReactorPool<R>& owner, const Handler& handler, const ConnectionOptions& each,
-             bool is_tcp, Balance balance)
+    Dispatch(ReactorPool<R>& owner, const Handler& handler, const Transport& each_transport,
+             const ConnectionOptions& each, bool is_tcp, Balance balance)
         : pool(&owner),
           prototype(handler),
+          transport(each_transport),
           options(each),
           tcp(is_tcp),
           least(balance == Balance::kLeastConnections),
@@ -531,8 +541,9 @@ class PoolAcceptor {
       std::error_code ec;
       try {
         Handler handler = prototype;
-        Connection<Handler, R>::open((*pool)[target], socket, std::move(handler), options, tcp, ec);
-      } catch (...) {  // copying the prototype threw
+        Connection<Handler, R, Transport>::open((*pool)[target], socket, std::move(handler),
+                                                options, tcp, ec, false, Transport(transport));
+      } catch (...) {  // copying a prototype threw
         Sys::close(socket);
         ec = make_error_code(Error::kHandlerException);
       }
@@ -565,6 +576,7 @@ class PoolAcceptor {
 
     ReactorPool<R>* pool;
     Handler prototype;
+    Transport transport;
     ConnectionOptions options;
     bool tcp;
     bool least;
@@ -597,13 +609,15 @@ class PoolAcceptor {
            const ListenOptions& options, detail::AcceptSink sink) {
     std::error_code ec;
     const char* what = "socket";
-    acceptors_.push_back(std::unique_ptr<Single>(
-        new Single(loop, shared, endpoint, std::move(prototype), options, sink, ec, what)));
+    acceptors_.push_back(
+        std::unique_ptr<Single>(new Single(loop, shared, endpoint, Transport(transport_),
+                                           std::move(prototype), options, sink, ec, what)));
     if (ec) detail::throw_error(ec, what);
   }
 
   ReactorPool<R>* pool_;
   Balance balance_;
+  [[no_unique_address]] Transport transport_;
   Endpoint local_;
   std::unique_ptr<detail::SharedListener> shared_;  // kExclusive: the one listening socket
   std::shared_ptr<Dispatch> dispatch_;              // kRoundRobin, kLeastConnections

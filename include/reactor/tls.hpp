@@ -55,6 +55,7 @@
 #include "acceptor.hpp"
 #include "connection.hpp"
 #include "connector.hpp"
+#include "pool.hpp"
 #include "syscalls.hpp"
 #include "tls_context.hpp"
 #include "transport.hpp"
@@ -466,6 +467,10 @@ using TlsConnection = Connection<Handler, R, TlsTransport>;
 
 template <class Handler, class R = Reactor<>>
 using TlsAcceptor = Acceptor<Handler, R, TlsTransport>;
+
+// Every core: TlsPoolAcceptor<H> a(pool, endpoint, context, H{}, ListenOptions{}, balance).
+template <class Handler, class R = Reactor<>>
+using TlsPoolAcceptor = PoolAcceptor<Handler, R, TlsTransport>;
 
 // A client: TlsConnector<H, OnResult> c(loop, context, H{}, on_result); c.connect("host", 443)
 // checks the server's certificate against "host" (when the context verifies) and sends it as SNI.

@@ -573,12 +573,22 @@ TEST_CASE("echo_server refuses half a TLS configuration and reports a bad certif
     CHECK(run.exit_status == 1);
     CHECK(run.err.rfind("echo_server: tls: ", 0) == 0);
   }
-  SECTION("--threads 2: not supported with TLS yet, exit 2") {
-    const ToolRun run = run_tool({program, "--tls-cert", certificates.cert_file, "--tls-key",
-                                  certificates.key_file, "--threads", "2"});
-    CHECK(run.exit_status == 2);
-    CHECK(run.err == "echo_server: --threads with --tls-cert is not supported yet\n");
+}
+
+TEST_CASE(
+    "echo_server --tls-cert --threads 2 echoes through openssl s_client in every balance mode",
+    "[tls][interop][openssl][pool]") {
+  REQUIRE_TOOL_OR_SKIP("openssl");
+  const std::string balance = GENERATE("reuseport", "dispatch", "round-robin", "exclusive");
+  INFO("--balance " << balance);
+  const Certificates certificates;
+  TlsServer server(certificates, {"--threads", "2", "--balance", balance});
+  // Several clients, so that both threads get some (each is checked byte for byte).
+  for (int i = 0; i < 4; ++i) {
+    const std::string data = random_bytes(256 * 1024, 10 + i);
+    check_echo(s_client_echo(server, certificates.ca_file, data, {"-quiet"}), data);
   }
+  server.stop();
 }
 
 // --- Bad peers
