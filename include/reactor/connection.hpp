@@ -414,6 +414,9 @@ class Connection final : private detail::OwnedWatcher {
   }
 
   bool reading_enabled() const noexcept {
+    if constexpr (kHandshake) {
+      if (phase_ == Phase::kHandshake) return false;  // the handshake reads for itself
+    }
     return phase_ <= Phase::kFinSent && (flags_ & (kEof | kUserPaused | kBackpressure)) == 0;
   }
 
@@ -524,7 +527,8 @@ class Connection final : private detail::OwnedWatcher {
     phase_ = Phase::kOpen;
     flags_ &= ~(kNeverOpened | kHandshakeWrite);
     if (timer_) loop_->cancel(std::exchange(timer_, TimerId{}));
-    if (const std::error_code ec = arm_timeouts(loop_->cached_now())) {
+    // activity_now(): a handshake that finished inside open() may run outside the loop.
+    if (const std::error_code ec = arm_timeouts(loop_->activity_now())) {
       fail(ec);
       return;
     }
@@ -1043,8 +1047,9 @@ class Connection final : private detail::OwnedWatcher {
     if constexpr (kHandshake) {
       if ((flags_ & kNeverOpened) != 0) {
         if constexpr (HasOnHandshakeFailed<Handler, Connection>) {
-          try {
-            handler_.on_handshake_failed(*this, reason_);
+          try {  // abort() leaves no reason: it cancelled the handshake
+            handler_.on_handshake_failed(
+                *this, reason_ ? reason_ : std::make_error_code(std::errc::operation_canceled));
           } catch (...) {
             // As for on_close: nothing is left to report to.
           }

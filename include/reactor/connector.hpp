@@ -164,10 +164,20 @@ struct Dialed : Handler {
   template <class Conn>
   void on_open(Conn& connection) {
     if (reactor_link_ != nullptr) reactor_link_->opened(*reactor_link_, &connection);
-    if constexpr (HasOnOpen<Handler, Conn>) Handler::on_open(connection);
-    // After a handshake the connector reports now (without one, it does once open() returns).
     if constexpr (Conn::transport_type::kHandshake) {
+      // After a handshake the connector reports now (without one, it does once open() returns),
+      // also when the user's on_open threw (the connection then fails: its on_close follows).
+      if constexpr (HasOnOpen<Handler, Conn>) {
+        try {
+          Handler::on_open(connection);
+        } catch (...) {
+          if (reactor_link_ != nullptr) reactor_link_->handshaken(*reactor_link_, {});
+          throw;
+        }
+      }
       if (reactor_link_ != nullptr) reactor_link_->handshaken(*reactor_link_, {});
+    } else if constexpr (HasOnOpen<Handler, Conn>) {
+      Handler::on_open(connection);
     }
   }
 
@@ -417,16 +427,24 @@ class Connector : private detail::ConnectorLink {
   static void on_handshaken(ConnectorLink& link, std::error_code ec) noexcept {
     auto& self = static_cast<Connector&>(link);
     self.handshaking_ = nullptr;
+    // on_open called cancel(), connect() or disconnect(): that connect is over, unreported.
+    if (self.generation_ != self.handshake_generation_) return;
     if (!ec) {
-      if (self.connection_ == nullptr) return;  // on_open closed it: on_close told us already
+      if (self.connection_ == nullptr) return;  // untracked meanwhile (defensive)
       self.state_ = ConnectorState::kConnected;
       self.reconnecting_ = false;
       self.report(self.connection_, {}, self.address_);
       return;
     }
-    // A failed round: timeouts and socket errors may pass, certificates and protocols will not.
+    // A failed round: timeouts and socket errors may pass and are retried; a certificate or a
+    // protocol error will not, so it ends the connect (a reconnect too) at once.
+    if (ec != std::errc::timed_out && ec.category() != std::system_category()) {
+      self.reconnect_ = false;
+      self.fail(ec, self.address_);
+      return;
+    }
     self.last_error_ = ec;
-    self.round_retriable_ = ec == std::errc::timed_out || ec.category() == std::system_category();
+    self.round_retriable_ = true;
     self.state_ = ConnectorState::kConnecting;
     self.round_failed(detail::clock_now<Sys>());
   }
@@ -743,13 +761,22 @@ class Connector : private detail::ConnectorLink {
     const std::uint64_t generation = generation_;
     std::error_code ec;
     connection_type* connection = nullptr;
-    if constexpr (kHandshake) state_ = ConnectorState::kConnecting;  // until the handshake is done
+    if constexpr (kHandshake) {  // connecting until the handshake is done
+      state_ = ConnectorState::kConnecting;
+      handshake_generation_ = generation_;
+    }
     const bool alive = call_user([&] {
       try {
         handler_type handler(prototype_, this);
         Transport transport(transport_);
         if constexpr (kHandshake) {
-          if (transport.peer_name().empty()) transport.set_peer_name(peer_name_);
+          // The name to verify: the prototype's, else the host connect() was given, else the
+          // address itself (checked against the certificate's IP addresses).
+          if (transport.peer_name().empty()) {
+            transport.set_peer_name(!peer_name_.empty() ? peer_name_
+                                    : address.is_unix() ? std::string()
+                                                        : address.host());
+          }
         }
         connection = connection_type::open(*loop_, fd, std::move(handler), options_.connection,
                                            !address.is_unix(), ec, in_epoll != nullptr,
@@ -777,6 +804,15 @@ class Connector : private detail::ConnectorLink {
     }
     if constexpr (kHandshake) {  // reported when the handshake is done (on_handshaken)
       if (connection_ != connection) handshaking_ = connection;
+      // The overall deadline still holds (on_timer ends the handshake); attempt_timeout does not:
+      // the context's handshake_timeout bounds the handshake.
+      if (handshaking_ != nullptr && deadline_ != Clock::time_point::max()) {
+        try {
+          timer_ = loop_->schedule_at(deadline_, [this] { on_timer(); });
+          timer_due_ = deadline_;
+        } catch (...) {  // no memory for the timer: the handshake timeout still ends it
+        }
+      }
       return;
     }
     reconnecting_ = false;
@@ -964,6 +1000,7 @@ class Connector : private detail::ConnectorLink {
   [[no_unique_address]] Transport transport_;
   std::string peer_name_;                   // with a handshake: the host connect() was given
   connection_type* handshaking_ = nullptr;  // with a handshake: the connection doing it
+  std::uint64_t handshake_generation_ = 0;  // generation_ when it started
   ConnectorState state_ = ConnectorState::kIdle;
   bool reconnect_ = false;
   bool reconnecting_ = false;  // this connect started from a dropped connection, not connect()

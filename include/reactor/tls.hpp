@@ -116,7 +116,10 @@ struct SysBio {
         *got = static_cast<std::size_t>(n);
         return 1;
       }
-      if (n == 0) return 0;  // EOF: OpenSSL tells close_notify from truncation
+      if (n == 0) {  // EOF: OpenSSL tells close_notify from truncation, asking BIO_CTRL_EOF
+        owner.eof_ = true;
+        return 0;
+      }
       if (errno == EINTR) continue;
       if (errno == EAGAIN || errno == EWOULDBLOCK) {
         BIO_set_retry_read(bio);
@@ -127,10 +130,15 @@ struct SysBio {
     }
   }
 
-  static long ctrl(BIO* /*bio*/, int command, long /*number*/, void* /*pointer*/) {
-    // Writes go straight to the socket: nothing to flush. Everything else (kernel TLS included)
-    // is unsupported.
-    return command == BIO_CTRL_FLUSH ? 1 : 0;
+  static long ctrl(BIO* bio, int command, long /*number*/, void* /*pointer*/) {
+    switch (command) {
+      case BIO_CTRL_FLUSH:  // writes go straight to the socket
+        return 1;
+      case BIO_CTRL_EOF:  // OpenSSL 3 reports a read of 0 as truncation only when this says so
+        return static_cast<Owner*>(BIO_get_data(bio))->eof_ ? 1 : 0;
+      default:  // kernel TLS included: unsupported
+        return 0;
+    }
   }
 };
 
@@ -165,7 +173,17 @@ class TlsTransport {
         ssl_(std::exchange(other.ssl_, nullptr)),
         fd_(other.fd_),
         errno_(other.errno_),
-        error_(other.error_) {}
+        failed_(other.failed_),
+        eof_(other.eof_),
+        established_(other.established_),
+        socket_bio_(other.socket_bio_),
+        handshake_timeout_(other.handshake_timeout_),
+        error_(other.error_) {
+    // A started transport's BIO points at its owner (a Connection never moves one; be safe).
+    if (ssl_ != nullptr && BIO_get_data(SSL_get_rbio(ssl_)) == &other) {
+      BIO_set_data(SSL_get_rbio(ssl_), this);
+    }
+  }
   TlsTransport& operator=(TlsTransport&&) = delete;
   ~TlsTransport() {
     if (ssl_ != nullptr) SSL_free(ssl_);
@@ -231,20 +249,22 @@ class TlsTransport {
       return;
     }
     fd_ = fd;
-    ssl_ = context_->new_ssl(ec);
+    bool ktls = false;
+    ssl_ = context_->new_ssl(ec, &handshake_timeout_, &ktls);
     if (ssl_ == nullptr) return;
-    handshake_timeout_ = context_->handshake_timeout();
     if (!context_->is_server() && !peer_name_.empty()) {
       if (!name_peer()) {
         ec = detail::tls_take_error(nullptr, EINVAL);
         return;
       }
     }
-    if (use_socket_bio<Sys>()) {
+    if (use_socket_bio<Sys>(ktls)) {
+      socket_bio_ = true;
       if (SSL_set_fd(ssl_, fd) != 1) ec = detail::tls_take_error(nullptr, ENOMEM);
       return;
     }
-    BIO* bio = BIO_new(detail::SysBio<Sys, TlsTransport>::method());
+    BIO_METHOD* const method = detail::SysBio<Sys, TlsTransport>::method();
+    BIO* bio = method == nullptr ? nullptr : BIO_new(method);
     if (bio == nullptr) {
       ec = detail::tls_take_error(nullptr, ENOMEM);
       return;
@@ -265,6 +285,7 @@ class TlsTransport {
     const int result = SSL_do_handshake(ssl_);
     if (result == 1) {
       peer_name_ = std::string();  // the prototype's part is done: free it
+      established_ = true;
       return HandshakeStatus::kDone;
     }
     switch (SSL_get_error(ssl_, result)) {
@@ -317,8 +338,10 @@ class TlsTransport {
       const std::size_t size = vectors[i].iov_len;
       const ssize_t n = write_all(static_cast<const char*>(vectors[i].iov_base), size, total);
       if (n < 0) return -1;
-      total = n;
-      if (static_cast<std::size_t>(n) < size) break;
+      const ssize_t before = std::exchange(total, n);
+      // This buffer did not go out whole: the socket is full, and OpenSSL may hold a record of
+      // it, which only these bytes may complete.
+      if (static_cast<std::size_t>(n - before) < size) break;
     }
     return total;
   }
@@ -329,7 +352,9 @@ class TlsTransport {
   template <class Sys>
   int shutdown_write(int fd) noexcept {
     send_close_notify();
-    return Sys::shutdown(fd, SHUT_WR);
+    const int result = Sys::shutdown(fd, SHUT_WR);
+    if (result != 0) error_ = detail::last_errno_code();
+    return result;
   }
 
   // An orderly close without shutdown_write first (the peer's close_notify or FIN came first, or
@@ -359,11 +384,11 @@ class TlsTransport {
   }
 
   template <class Sys>
-  bool use_socket_bio() const noexcept {
+  bool use_socket_bio(bool ktls) const noexcept {
     if constexpr (!std::is_same_v<Sys, LinuxSyscalls>) {
       return false;
     } else {
-      if (!context_->ktls()) return false;
+      if (!ktls) return false;
       if (!detail::tls_assume_kernel_tls.load(std::memory_order_relaxed) && kernel_tls_support()) {
         return false;
       }
@@ -397,9 +422,12 @@ class TlsTransport {
   // A peer gone without close_notify is a truncation (OpenSSL 3 reports that as an SSL error with
   // reason SSL_R_UNEXPECTED_EOF_WHILE_READING).
   void failed(int fallback) noexcept {
+    // OpenSSL's socket BIO (kernel TLS) leaves a failed syscall's reason in errno only.
+    if (socket_bio_ && errno_ == 0 && errno != 0 && errno != EAGAIN) errno_ = errno;
     failed_ = true;
     const unsigned long first = ERR_peek_error();
-    if (SSL_is_init_finished(ssl_) && ERR_GET_LIB(first) == ERR_LIB_SSL &&
+    // established_, not SSL_is_init_finished(): the fatal error has put the SSL back in init.
+    if (established_ && ERR_GET_LIB(first) == ERR_LIB_SSL &&
         ERR_GET_REASON(first) == SSL_R_UNEXPECTED_EOF_WHILE_READING) {
       ERR_clear_error();
       error_ = make_error_code(TlsError::kTruncated);
@@ -456,6 +484,9 @@ class TlsTransport {
   int fd_ = -1;
   int errno_ = 0;  // a failed send or read in the BIO
   bool failed_ = false;
+  bool eof_ = false;          // the BIO read the peer's FIN
+  bool established_ = false;  // the handshake finished
+  bool socket_bio_ = false;   // OpenSSL's own socket BIO (kernel TLS possible), not SysBio
   std::chrono::milliseconds handshake_timeout_{0};
   std::error_code error_;
 };

@@ -387,18 +387,27 @@ class TlsContext {
 
   // For the transport: a new SSL for one connection on the current settings, in this context's
   // role (accept or connect state); the caller owns it (SSL_free). nullptr with `ec` set on
-  // failure. Callable from any thread, concurrently with reload().
-  SSL* new_ssl(std::error_code& ec) const noexcept {
+  // failure. Callable from any thread, concurrently with reload(). `handshake_timeout` and
+  // `ktls`, if given, receive the same generation's settings.
+  SSL* new_ssl(std::error_code& ec, std::chrono::milliseconds* handshake_timeout = nullptr,
+               bool* ktls = nullptr) const noexcept {
     ec.clear();
     if (!state_) {
       ec = make_error_code(std::errc::invalid_argument);
       return nullptr;
     }
-    SSL* ssl = nullptr;
+    SSL_CTX* ctx = nullptr;
     {
+      // Only a reference under the lock: SSL_new itself runs outside it, so that reactors
+      // accepting on several threads do not queue up behind one another.
       const std::lock_guard lock(state_->mutex);
-      ssl = SSL_new(state_->current.ctx.get());  // takes its own reference to the CTX
+      ctx = state_->current.ctx.get();
+      SSL_CTX_up_ref(ctx);
+      if (handshake_timeout != nullptr) *handshake_timeout = state_->current.handshake_timeout;
+      if (ktls != nullptr) *ktls = state_->current.ktls;
     }
+    SSL* const ssl = SSL_new(ctx);  // takes its own reference to the CTX
+    SSL_CTX_free(ctx);
     if (ssl == nullptr) {
       ec = detail::tls_queue_error(make_error_code(std::errc::not_enough_memory));
       return nullptr;
