@@ -22,8 +22,14 @@
 //   reactor::TlsContext context(reactor::TlsRole::kServer, {.certificates = {
 //       reactor::TlsCertificate::from_files("cert.pem", "key.pem")}});
 //   reactor::TlsAcceptor<Echo> acceptor(loop, endpoint, context, Echo{});
-// The context must outlive the acceptors and connectors that hold it (each connection keeps its
-// own reference to the OpenSSL context it started with).
+// The context must outlive the acceptors and connectors that hold it; it may go while connections
+// it started are open (each keeps its own reference to the OpenSSL context it started with).
+//
+// Worth knowing: a peer's TCP half-close (FIN) without close_notify is a truncation here, not
+// on_eof (TLS half-close is close_notify with the connection left open, which is on_eof). In
+// TLS 1.3 a client finishes its handshake before the server has checked the client's
+// certificate: a server that requires one and rejects it reports on_handshake_failed, while the
+// client sees on_open (and on_result) first, then on_close with the server's alert.
 //
 // Threading: a TlsTransport belongs to its connection's reactor thread. Contexts are shared by
 // any number of reactors (TlsContext::new_ssl and reload are thread-safe).
