@@ -9,7 +9,11 @@
 // open connection; handshake failures are reported once over a mix of good and bad clients; many
 // handshakes leak nothing; the kernel-TLS path (OpenSSL's socket BIO) only when SIGPIPE is ignored;
 // a graceful shutdown serves out an established connection and ends a stuck handshake; a handler
-// that closes or throws in on_open gets one on_close. Every test gives back every fd it took.
+// that closes or throws in on_open gets one on_close. Regression tests ([regression]) pin fixed
+// bugs: a gathered flush and a full socket keep a blocked record whole and the bytes in order, a
+// stale OpenSSL error queue fails no connection, the connector's on_open cancel/throw, deadline
+// and IP checks, no read before on_open, abort's reason, a failed FIN's error. Every test gives
+// back every fd it took.
 //
 // The test plays raw peers itself: plain sockets, and OpenSSL clients on memory BIOs (RawTls)
 // whose records it moves to and from a non-blocking socket between iterations of the server's
@@ -20,6 +24,8 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <openssl/bio.h>
+#include <openssl/err.h>
+#include <openssl/pem.h>
 #include <openssl/ssl.h>
 #include <openssl/x509.h>
 #include <signal.h>
@@ -29,6 +35,7 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <iterator>
 #include <memory>
 #include <stdexcept>
@@ -41,6 +48,7 @@
 #include <reactor.hpp>
 
 #include "catch.hpp"
+#include "fault_syscalls.hpp"
 #include "loopback.hpp"
 #include "tls_certs.hpp"
 
@@ -1395,6 +1403,614 @@ TEMPLATE_TEST_CASE("a handler that closes or throws in on_open gets exactly one 
     CHECK(client.log.opened == 1);
     if (!expected) CHECK(!client.log.close_reason);  // close_notify: orderly on the client too
     CHECK(loop.connection_count() == 0);
+  }
+  CHECK(test::open_fd_count() == baseline);
+}
+
+// --- 13. Regressions
+// ------------------------------------------------------------------------------
+
+namespace {
+
+using FaultLT = reactor::Reactor<reactor::LevelTriggered, test::FaultSyscalls>;
+using FaultET = reactor::Reactor<reactor::EdgeTriggered, test::FaultSyscalls>;
+
+// Where two byte strings first differ (npos: nowhere), so that a failure names an offset instead
+// of printing megabytes.
+std::size_t first_difference(std::string_view got, std::string_view expected) {
+  const std::size_t common = std::min(got.size(), expected.size());
+  for (std::size_t i = 0; i < common; ++i) {
+    if (got[i] != expected[i]) return i;
+  }
+  return got.size() == expected.size() ? std::string_view::npos : common;
+}
+
+// Runs `loop` for `period` whatever happens: to see that nothing more does.
+template <class Loop>
+void settle(Loop& loop, std::chrono::milliseconds period = 100ms) {
+  const auto until = Clock::now() + period;
+  while (Clock::now() < until) loop.run_once(1ms);
+}
+
+// Reads what arrived; once the server's close_notify is in, answers with a FIN, so that the
+// server's close() need not linger.
+void read_and_answer_close(RawTls& peer) {
+  peer.read();
+  if (peer.zero_return) ::shutdown(peer.fd(), SHUT_WR);
+}
+
+// A loopback TCP listener that never speaks: the kernel completes connects into its backlog, and
+// accept() takes one (non-blocking; an invalid fd when none is there).
+class PlainListener {
+ public:
+  PlainListener() : fd_(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0)) {
+    REQUIRE(fd_.get() >= 0);
+    sockaddr_in address{};
+    address.sin_family = AF_INET;
+    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    REQUIRE(::bind(fd_.get(), reinterpret_cast<const sockaddr*>(&address), sizeof address) == 0);
+    REQUIRE(::listen(fd_.get(), 8) == 0);
+    socklen_t size = sizeof address;
+    REQUIRE(::getsockname(fd_.get(), reinterpret_cast<sockaddr*>(&address), &size) == 0);
+    port_ = ntohs(address.sin_port);
+  }
+  std::uint16_t port() const { return port_; }
+  reactor::UniqueFd accept() {
+    return reactor::UniqueFd(::accept4(fd_.get(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC));
+  }
+
+ private:
+  reactor::UniqueFd fd_;
+  std::uint16_t port_ = 0;
+};
+
+// The server connection's fd, and how many sends the script has seen on it since on_open (-1:
+// not armed yet: the handshake's own sends pass).
+struct FaultTarget {
+  int fd = -1;
+  int sends = -1;
+};
+
+// A server handler for the fault tests: on_open arms `target`, then runs `action`.
+struct ArmedHandler {
+  ServerLog* log;
+  FaultTarget* target;
+  std::function<void(reactor::TlsConnection<ArmedHandler, FaultLT>&)> action;
+
+  void on_open(reactor::TlsConnection<ArmedHandler, FaultLT>& connection) {
+    ++log->opened;
+    target->fd = connection.native_handle();
+    target->sends = 0;
+    if (action) action(connection);
+  }
+  void on_data(auto&, std::string_view bytes) { log->received.append(bytes); }
+  void on_close(auto&, std::error_code reason) {
+    ++log->closed;
+    log->close_reasons.push_back(reason);
+  }
+  void on_handshake_failed(auto&, std::error_code reason) {
+    ++log->failed;
+    log->failure_reasons.push_back(reason);
+  }
+};
+
+// on_open sends 16 KiB at a time (one full TLS record each) until a send finds the socket full and
+// is queued, then closes. `log->greeting` gets everything it sent.
+struct FillHandler {
+  ServerLog* log;
+
+  void on_open(auto& connection) {
+    ++log->opened;
+    constexpr std::size_t kRecord = 16384;
+    static const std::string source = test::pattern(61 * kRecord, 17);
+    for (std::size_t i = 0; connection.pending_output_bytes() == 0 && i < 4096; ++i) {
+      const std::string_view record = std::string_view(source).substr((i % 61) * kRecord, kRecord);
+      if (!connection.send(record)) break;
+      log->greeting.append(record);
+    }
+    connection.close();
+  }
+  void on_data(auto&, std::string_view) {}
+  void on_close(auto&, std::error_code reason) {
+    ++log->closed;
+    log->close_reasons.push_back(reason);
+  }
+  void on_handshake_failed(auto&, std::error_code reason) {
+    ++log->failed;
+    log->failure_reasons.push_back(reason);
+  }
+};
+
+// Echoes; a message starting with "dirty" then leaves an error on the thread's OpenSSL error
+// queue, as user code that parses an untrusted certificate and does not clear the queue would.
+struct DirtyHandler {
+  ServerLog* log;
+
+  void on_open(auto&) { ++log->opened; }
+  void on_data(auto& connection, std::string_view bytes) {
+    log->received.append(bytes);
+    connection.send(bytes);
+    if (bytes.starts_with("dirty")) {
+      static constexpr char kGarbage[] = "not a certificate";
+      BIO* bio = BIO_new_mem_buf(kGarbage, -1);
+      X509* certificate = PEM_read_bio_X509(bio, nullptr, nullptr, nullptr);
+      X509_free(certificate);
+      BIO_free(bio);
+    }
+  }
+  void on_close(auto&, std::error_code reason) {
+    ++log->closed;
+    log->close_reasons.push_back(reason);
+  }
+  void on_handshake_failed(auto&, std::error_code reason) {
+    ++log->failed;
+    log->failure_reasons.push_back(reason);
+  }
+};
+
+// A client handler whose on_open runs the test's `action` (cancel, disconnect, throw).
+struct PlannedLog {
+  std::function<void()> action;
+  int opened = 0;
+  int closed = 0;
+  std::error_code close_reason;
+};
+
+struct PlannedHandler {
+  PlannedLog* log;
+
+  void on_open(auto&) {
+    ++log->opened;
+    if (log->action) log->action();
+  }
+  void on_data(auto&, std::string_view) {}
+  void on_close(auto&, std::error_code reason) {
+    ++log->closed;
+    log->close_reason = reason;
+  }
+};
+
+// What a hand-opened server connection saw, in order.
+struct OrderLog {
+  int opened = 0;
+  int closed = 0;
+  int data_before_open = 0;  // on_data calls before on_open
+  std::string received;
+  std::vector<std::error_code> failures;
+};
+
+struct OrderHandler {
+  OrderLog* log;
+
+  void on_open(auto&) { ++log->opened; }
+  void on_data(auto&, std::string_view bytes) {
+    if (log->opened == 0) ++log->data_before_open;
+    log->received.append(bytes);
+  }
+  void on_close(auto&, std::error_code) { ++log->closed; }
+  void on_handshake_failed(auto&, std::error_code reason) { log->failures.push_back(reason); }
+};
+
+}  // namespace
+
+TEST_CASE(
+    "a gathered flush stops at the buffer whose record blocked so the peer gets every byte "
+    "in order",
+    "[tls][regression]") {
+  const std::size_t baseline = test::open_fd_count();
+  {
+    constexpr std::size_t kChunk = reactor::ChunkPool::kChunkCapacity;
+    const TlsContext server_context(TlsRole::kServer, server_options(pki().localhost));
+    const TlsContext client_context(TlsRole::kClient, client_options(pki().ca));
+    FaultTarget target;
+    test::FaultScript script;
+    // on_open's send finds the socket "full": all 8 buffers are queued. The gathered flush then
+    // writes the first buffer's record, and the second's blocks (OpenSSL keeps it pending).
+    script.choose([&target](test::Call call, int fd) {
+      if (call != test::Call::kSend || fd != target.fd || target.sends < 0) return test::pass();
+      const int k = target.sends++;
+      return k == 0 || k == 2 ? test::fail(EAGAIN) : test::pass();
+    });
+    ServerLog server_log;  // outlives the loop, whose destructor may call its hooks
+    server_log.greeting = test::pattern(8 * kChunk, 13);
+    FaultLT loop;
+    reactor::TlsAcceptor<ArmedHandler, FaultLT> server(
+        loop, loopback(), reactor::TlsTransport(server_context),
+        ArmedHandler{&server_log, &target, [&server_log](auto& connection) {
+                       connection.send(server_log.greeting);
+                       connection.close();
+                     }});
+    RawTls peer(client_context, server.local_endpoint().port(), "localhost");
+    handshake(loop, peer);
+    const bool ended = drive(
+        loop,
+        [&] {
+          read_and_answer_close(peer);
+          return server_log.closed == 1 && (peer.zero_return || peer.eof || peer.error != 0);
+        },
+        5s);
+    CHECK(ended);
+    CHECK(target.sends >= 3);  // both faults were injected
+    INFO("received " << peer.received.size() << " of " << server_log.greeting.size() << " bytes");
+    CHECK(first_difference(peer.received, server_log.greeting) == std::string_view::npos);
+    CHECK(peer.zero_return);
+    CHECK(server_log.close_reasons == std::vector<std::error_code>{std::error_code()});
+  }
+  CHECK(test::open_fd_count() == baseline);
+}
+
+TEST_CASE("a 16 KiB send that finds the socket full is flushed later without SSL_R_BAD_LENGTH",
+          "[tls][regression]") {
+  const std::size_t baseline = test::open_fd_count();
+  {
+    const TlsContext server_context(TlsRole::kServer, server_options(pki().localhost));
+    const TlsContext client_context(TlsRole::kClient, client_options(pki().ca));
+    ServerLog server_log;  // outlives the loop, whose destructor may call its hooks
+    LT loop;
+    reactor::TlsAcceptor<FillHandler, LT> server(loop, loopback(),
+                                                 reactor::TlsTransport(server_context),
+                                                 FillHandler{&server_log}, listen_options(5000ms));
+    RawTls peer(client_context, server.local_endpoint().port(), "localhost");
+    handshake(loop, peer);
+    // The peer reads nothing until on_open has filled the socket and queued the rest.
+    REQUIRE(drive(loop, [&] { return server_log.opened == 1; }));
+    REQUIRE(server_log.closed == 0);
+    REQUIRE(server_log.greeting.size() < 4096u * 16384u);  // the socket did fill up
+    const bool ended = drive(loop, [&] {
+      read_and_answer_close(peer);
+      return server_log.closed == 1 && (peer.zero_return || peer.eof || peer.error != 0);
+    });
+    CHECK(ended);
+    REQUIRE(server_log.close_reasons.size() == 1);
+    const std::error_code reason = server_log.close_reasons[0];
+    INFO("server on_close: " << reason.category().name() << ": " << reason.message());
+    CHECK(!reason);
+    INFO("received " << peer.received.size() << " of " << server_log.greeting.size() << " bytes");
+    CHECK(first_difference(peer.received, server_log.greeting) == std::string_view::npos);
+    CHECK(peer.zero_return);
+    CHECK(server_log.failed == 0);
+  }
+  CHECK(test::open_fd_count() == baseline);
+}
+
+TEST_CASE("an error left on the thread's OpenSSL error queue fails no connection",
+          "[tls][regression]") {
+  const std::size_t baseline = test::open_fd_count();
+  {
+    const TlsContext server_context(TlsRole::kServer, server_options(pki().localhost));
+    const TlsContext client_context(TlsRole::kClient, client_options(pki().ca));
+    ServerLog server_log;  // outlives the loop, whose destructor may call its hooks
+    ET loop;
+    reactor::TlsAcceptor<DirtyHandler, ET> server(
+        loop, loopback(), reactor::TlsTransport(server_context), DirtyHandler{&server_log});
+    const std::uint16_t port = server.local_endpoint().port();
+    RawTls dirty(client_context, port, "localhost");
+    RawTls clean(client_context, port, "localhost");
+    handshake(loop, dirty);
+    handshake(loop, clean);
+    REQUIRE(drive(loop, [&] { return server_log.opened == 2; }));
+    std::string dirty_sent;
+    std::string clean_sent;
+    for (int round = 0; round < 3; ++round) {
+      INFO("round " << round);
+      const std::string d = "dirty " + std::to_string(round);
+      const std::string c = "clean " + std::to_string(round);
+      dirty.write(d);
+      dirty_sent += d;
+      REQUIRE(drive(
+          loop,
+          [&] {
+            dirty.read();
+            return dirty.received == dirty_sent || dirty.eof || dirty.error != 0;
+          },
+          5s));
+      INFO("server on_close: " << (server_log.close_reasons.empty()
+                                       ? std::string("none")
+                                       : server_log.close_reasons[0].message()));
+      REQUIRE(server_log.closed == 0);
+      // Other code on the loop's thread leaves an error too, between two iterations.
+      ERR_raise(ERR_LIB_USER, ERR_R_INTERNAL_ERROR);
+      loop.run_once(0ms);
+      clean.write(c);
+      clean_sent += c;
+      REQUIRE(drive(
+          loop,
+          [&] {
+            clean.read();
+            return clean.received == clean_sent || clean.eof || clean.error != 0;
+          },
+          5s));
+      REQUIRE(server_log.closed == 0);
+      CHECK(dirty.received == dirty_sent);
+      CHECK(clean.received == clean_sent);
+    }
+    INFO("server closed " << server_log.closed << " connections");
+    CHECK(server_log.closed == 0);
+    REQUIRE(SSL_shutdown(dirty.ssl()) == 0);
+    REQUIRE(SSL_shutdown(clean.ssl()) == 0);
+    dirty.take_output();
+    clean.take_output();
+    REQUIRE(drive(loop, [&] {
+      dirty.read();
+      clean.read();
+      return server_log.closed == 2;
+    }));
+    CHECK(server_log.close_reasons ==
+          std::vector<std::error_code>{std::error_code(), std::error_code()});
+    CHECK(server_log.received.size() == dirty_sent.size() + clean_sent.size());
+    ERR_clear_error();
+  }
+  CHECK(test::open_fd_count() == baseline);
+}
+
+TEST_CASE(
+    "a TlsConnector reports nothing after on_open cancels or disconnects and reports once "
+    "when on_open throws",
+    "[tls][connector][regression]") {
+  const std::size_t baseline = test::open_fd_count();
+  {
+    const TlsContext server_context(TlsRole::kServer, server_options(pki().localhost));
+    const TlsContext client_context(TlsRole::kClient, client_options(pki().ca));
+    ServerLog server_log;  // outlives the loop, whose destructor may call its hooks
+    server_log.echo = false;
+    PlannedLog client_log;
+    std::vector<Result> results;
+    LT loop;
+    Server<LT> server(loop, loopback(), reactor::TlsTransport(server_context),
+                      ServerHandler{&server_log});
+    reactor::TlsConnector<PlannedHandler, RecordResult, LT> connector(
+        loop, reactor::TlsTransport(client_context, "localhost"), PlannedHandler{&client_log},
+        RecordResult{&results});
+    enum class Plan { kCancel, kDisconnect, kThrow };
+    const Plan plan = GENERATE(Plan::kCancel, Plan::kDisconnect, Plan::kThrow);
+    switch (plan) {
+      case Plan::kCancel:
+        client_log.action = [&connector] { connector.cancel(); };
+        break;
+      case Plan::kDisconnect:
+        client_log.action = [&connector] { connector.disconnect(); };
+        break;
+      case Plan::kThrow:
+        client_log.action = [] { throw std::runtime_error("on_open throws"); };
+        break;
+    }
+    INFO("plan " << static_cast<int>(plan) << " (0 cancel, 1 disconnect, 2 throw)");
+    connector.connect(Endpoint::from_host_port("127.0.0.1", server.local_endpoint().port()));
+    REQUIRE(drive(
+        loop, [&] { return client_log.opened == 1 && server_log.opened == 1; }, 5s));
+    if (plan == Plan::kCancel) {
+      settle(loop);
+      CHECK(results.empty());
+      CHECK(client_log.closed == 0);  // cancel() leaves the established connection open
+      connector.disconnect();
+    }
+    REQUIRE(drive(
+        loop, [&] { return client_log.closed == 1 && server_log.closed == 1; }, 5s));
+    settle(loop);
+    if (plan == Plan::kThrow) {
+      REQUIRE(results.size() == 1);
+      CHECK(results[0].connected);
+      CHECK(!results[0].ec);
+      CHECK(client_log.close_reason == make_error_code(reactor::Error::kHandlerException));
+    } else {
+      CHECK(results.empty());
+      CHECK(!client_log.close_reason);
+    }
+    CHECK(client_log.opened == 1);
+    CHECK(client_log.closed == 1);
+    CHECK(connector.state() == reactor::ConnectorState::kIdle);
+    CHECK(loop.connection_count() == 0);
+  }
+  CHECK(test::open_fd_count() == baseline);
+}
+
+TEST_CASE("a TlsConnector's deadline ends a handshake the server never answers",
+          "[tls][connector][timeout][regression]") {
+  const std::size_t baseline = test::open_fd_count();
+  {
+    TlsOptions client = client_options(pki().ca);
+    client.handshake_timeout = 0ms;  // none: only the connect's deadline can end it
+    const TlsContext client_context(TlsRole::kClient, client);
+    ConnectOptions options;
+    options.deadline = 300ms;
+    LT loop;
+    PlainListener silent;  // takes the TCP connection, never says a word of TLS
+    Client<LT> c(loop, client_context, "localhost", options);
+    loop.cancel(loop.schedule_after(1h, [] {}));  // the loop's timerfd exists from here on
+    const std::size_t before = test::open_fd_count();
+    reactor::UniqueFd accepted;
+    const auto start = Clock::now();
+    c.connect(silent.port());
+    const bool reported = drive(
+        loop,
+        [&] {
+          if (accepted.get() < 0) accepted = silent.accept();
+          return !c.results.empty();
+        },
+        3s);
+    const auto took = Clock::now() - start;
+    INFO("on_result after " << std::chrono::duration_cast<std::chrono::milliseconds>(took).count()
+                            << " ms");
+    REQUIRE(reported);
+    CHECK(took >= 250ms);
+    CHECK(took < 3s);
+    REQUIRE(c.results.size() == 1);
+    CHECK(!c.results[0].connected);
+    CHECK(c.results[0].ec == std::errc::timed_out);
+    CHECK(c.log.opened == 0);
+    CHECK(c.log.closed == 0);
+    REQUIRE(accepted.get() >= 0);  // the TCP connect went through: it was the handshake that hung
+    // The client's socket is closed: only the server's end of it is left, and it reads the EOF.
+    CHECK(test::open_fd_count() == before + 1);
+    Drained answer;
+    REQUIRE(drive(loop, [&] {
+      read_some(accepted.get(), answer);
+      return answer.ended();
+    }));
+    CHECK(!answer.bytes.empty());  // the ClientHello
+    CHECK(loop.connection_count() == 0);
+  }
+  CHECK(test::open_fd_count() == baseline);
+}
+
+TEST_CASE("a TlsConnector retries a server that hangs up in the middle of the handshake",
+          "[tls][connector][regression]") {
+  // An overloaded server or a proxy whose backend is down accepts and closes: that may pass, so
+  // each try is made (the first fix of the connector gave up at the first, as for a certificate).
+  const std::size_t baseline = test::open_fd_count();
+  {
+    const TlsContext client_context(TlsRole::kClient, client_options(pki().ca));
+    LT loop;
+    PlainListener hangs_up;
+    Client<LT> c(loop, client_context, "localhost", retrying());
+    c.connect(hangs_up.port());
+    int accepted = 0;
+    REQUIRE(drive(
+        loop,
+        [&] {
+          for (reactor::UniqueFd fd = hangs_up.accept(); fd.get() >= 0; fd = hangs_up.accept()) {
+            ++accepted;  // closed at once
+          }
+          return !c.results.empty();
+        },
+        5s));
+    CHECK(accepted == 5);
+    REQUIRE(c.results.size() == 1);
+    CHECK(!c.results[0].connected);
+    INFO(c.results[0].ec.category().name() << ": " << c.results[0].ec.message());
+    CHECK(c.results[0].ec.category() == reactor::tls_category());  // unexpected EOF, by OpenSSL
+    CHECK(reactor::TlsTransport::is_retriable(c.results[0].ec));
+    CHECK(c.log.opened == 0);
+  }
+  CHECK(test::open_fd_count() == baseline);
+}
+
+TEST_CASE("a TlsConnector connecting to an IP address checks it against the certificate's IP SAN",
+          "[tls][connector][verify][regression]") {
+  const std::size_t baseline = test::open_fd_count();
+  {
+    const TlsContext verifying(TlsRole::kClient, client_options(pki().ca));
+    // No peer name in the prototype: connect(Endpoint) names the peer by its address.
+    SECTION("a certificate for localhost without the IP address fails") {
+      const std::error_code ec = connect_once(pki().ca.issue({"localhost"}), verifying, "", false);
+      INFO(ec.category().name() << ": " << ec.message());
+      CHECK(ec.category() == reactor::tls_verify_category());
+      CHECK(ec.value() == X509_V_ERR_IP_ADDRESS_MISMATCH);
+    }
+    SECTION("a certificate with the IP address passes") {
+      const std::error_code ec = connect_once(pki().localhost, verifying, "", true);
+      CHECK(!ec);
+    }
+  }
+  CHECK(test::open_fd_count() == baseline);
+}
+
+TEMPLATE_TEST_CASE("resume_reading during the handshake never runs on_data before on_open",
+                   "[tls][lifecycle][regression]", FaultLT, FaultET) {
+  const std::size_t baseline = test::open_fd_count();
+  {
+    const TlsContext server_context(TlsRole::kServer, server_options(pki().localhost));
+    const TlsContext client_context(TlsRole::kClient, client_options(pki().ca));
+    OrderLog log;  // outlives the loop, whose destructor may call its hooks
+    test::FaultScript script;
+    TestType loop;
+    PlainListener listener;
+    RawTls peer(client_context, listener.port(), "localhost");
+    reactor::UniqueFd accepted = listener.accept();
+    REQUIRE(accepted.get() >= 0);
+    const int server_fd = accepted.get();
+    std::error_code ec;
+    auto* connection = reactor::TlsConnection<OrderHandler, TestType>::open(
+        loop, accepted.release(), OrderHandler{&log}, reactor::ConnectionOptions{}, true, ec, false,
+        reactor::TlsTransport(server_context));
+    REQUIRE(connection != nullptr);
+    handshake(loop, peer);  // the client is done; its Finished is on its way
+    // The server's NewSessionTicket write (after it reads the client's Finished) finds the socket
+    // "full": its handshake stops there, with the client's first data read ahead and buffered.
+    script.next(test::Call::kSend, test::fail(EAGAIN, server_fd));
+    peer.write("early");
+    peer.flush();
+    REQUIRE(peer.flushed());
+    REQUIRE(drive(
+        loop, [&] { return script.pending(test::Call::kSend) == 0; }, 5s));
+    REQUIRE(log.opened == 0);
+    CHECK(connection->state() == reactor::ConnectionState::kHandshaking);
+    CHECK(!connection->is_reading());
+    connection->pause_reading();
+    connection->resume_reading();
+    loop.run_once(0ms);
+    peer.write(" and late");  // a new edge for edge mode, whose EPOLLOUT edge was spent
+    peer.flush();
+    REQUIRE(drive(
+        loop, [&] { return log.opened == 1 && log.received == "early and late"; }, 5s));
+    CHECK(log.data_before_open == 0);
+    CHECK(log.failures.empty());
+    connection->close();
+    REQUIRE(drive(loop, [&] {
+      read_and_answer_close(peer);
+      return log.closed == 1;
+    }));
+  }
+  CHECK(test::open_fd_count() == baseline);
+}
+
+TEST_CASE("abort during the handshake reports operation_canceled to on_handshake_failed",
+          "[tls][lifecycle][regression]") {
+  const std::size_t baseline = test::open_fd_count();
+  {
+    const TlsContext server_context(TlsRole::kServer, server_options(pki().localhost));
+    OrderLog log;  // outlives the loop, whose destructor may call its hooks
+    LT loop;
+    auto [ours, theirs] = test::socket_pair();
+    std::error_code ec;
+    auto* connection = reactor::TlsConnection<OrderHandler, LT>::open(
+        loop, ours.release(), OrderHandler{&log}, reactor::ConnectionOptions{}, false, ec, false,
+        reactor::TlsTransport(server_context));
+    REQUIRE(connection != nullptr);
+    loop.run_once(0ms);
+    REQUIRE(connection->state() == reactor::ConnectionState::kHandshaking);
+    connection->abort();
+    REQUIRE(drive(
+        loop, [&] { return !log.failures.empty(); }, 5s));
+    settle(loop, 20ms);
+    REQUIRE(log.failures.size() == 1);
+    INFO(log.failures[0].category().name() << ": " << log.failures[0].message());
+    CHECK(log.failures[0] == std::errc::operation_canceled);
+    CHECK(log.opened == 0);
+    CHECK(log.closed == 0);
+    CHECK(loop.connection_count() == 0);
+  }
+  CHECK(test::open_fd_count() == baseline);
+}
+
+TEST_CASE("a shutdown whose FIN fails reports the error to on_close", "[tls][close][regression]") {
+  const std::size_t baseline = test::open_fd_count();
+  {
+    const TlsContext server_context(TlsRole::kServer, server_options(pki().localhost));
+    const TlsContext client_context(TlsRole::kClient, client_options(pki().ca));
+    FaultTarget target;
+    test::FaultScript script;
+    // As after the peer's reset: shutdown(SHUT_WR) says ENOTCONN.
+    script.choose([&target](test::Call call, int fd) {
+      return call == test::Call::kShutdown && fd == target.fd ? test::fail(ENOTCONN) : test::pass();
+    });
+    ServerLog server_log;  // outlives the loop, whose destructor may call its hooks
+    FaultLT loop;
+    reactor::TlsAcceptor<ArmedHandler, FaultLT> server(
+        loop, loopback(), reactor::TlsTransport(server_context),
+        ArmedHandler{&server_log, &target, [](auto& connection) { connection.shutdown(); }});
+    RawTls peer(client_context, server.local_endpoint().port(), "localhost");
+    handshake(loop, peer);
+    REQUIRE(drive(loop, [&] {
+      peer.read();
+      return server_log.closed == 1;
+    }));
+    CHECK(script.faults(test::Call::kShutdown) == 1);
+    const std::error_code reason = server_log.close_reasons.at(0);
+    INFO(reason.category().name() << ": " << reason.message());
+    CHECK(reason == std::errc::not_connected);
+    CHECK(server_log.opened == 1);
+    CHECK(server_log.failed == 0);
   }
   CHECK(test::open_fd_count() == baseline);
 }

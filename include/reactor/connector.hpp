@@ -23,9 +23,11 @@
 //
 // With a transport that has a handshake (TLS: TlsConnector in reactor/tls.hpp) a connection is
 // reported once its handshake is done; the connector stays `connecting` meanwhile (cancel()
-// aborts the handshake). A failed handshake fails the round like a refused connect: timeouts and
-// socket errors are retried, certificate and protocol errors are not (on_result gets the error;
-// the handler's on_handshake_failed is not called for a connector's connections).
+// aborts the handshake). A failed handshake fails the round like a refused connect and is retried,
+// unless the transport says another round cannot mend it (TlsTransport::is_retriable: a
+// certificate that does not verify, a version or protocol the server refuses): that ends a
+// connect at once, while a reconnect goes on retrying with its backoff. on_result gets the error;
+// the handler's on_handshake_failed is not called for a connector's connections.
 //
 // Callbacks: on_result(conn, ec, address) runs on the loop thread, never from inside connect(),
 // once per outcome: a connection (conn set, ec empty, address the one that won; the connection
@@ -426,9 +428,10 @@ class Connector : private detail::ConnectorLink {
   // The connection's handshake finished (after the user's on_open) or failed (instead of it).
   static void on_handshaken(ConnectorLink& link, std::error_code ec) noexcept {
     auto& self = static_cast<Connector&>(link);
-    self.handshaking_ = nullptr;
     // on_open called cancel(), connect() or disconnect(): that connect is over, unreported.
     if (self.generation_ != self.handshake_generation_) return;
+    self.handshaking_ = nullptr;
+    if (self.timer_) self.loop_->cancel(std::exchange(self.timer_, TimerId{}));  // the deadline's
     if (!ec) {
       if (self.connection_ == nullptr) return;  // untracked meanwhile (defensive)
       self.state_ = ConnectorState::kConnected;
@@ -436,12 +439,15 @@ class Connector : private detail::ConnectorLink {
       self.report(self.connection_, {}, self.address_);
       return;
     }
-    // A failed round: timeouts and socket errors may pass and are retried; a certificate or a
-    // protocol error will not, so it ends the connect (a reconnect too) at once.
-    if (ec != std::errc::timed_out && ec.category() != std::system_category()) {
-      self.reconnect_ = false;
-      self.fail(ec, self.address_);
-      return;
+    // A failed round. What another round cannot mend (the transport says: a certificate that
+    // does not verify, a protocol or version the server refuses) ends a connect at once; a
+    // reconnect keeps retrying with its backoff, as it does for everything (the server may be
+    // mended). Everything else (a server that hung up mid-handshake, a timeout) is retried.
+    if constexpr (requires { Transport::is_retriable(ec); }) {
+      if (!Transport::is_retriable(ec) && !self.reconnecting_) {
+        self.fail(ec, self.address_);
+        return;
+      }
     }
     self.last_error_ = ec;
     self.round_retriable_ = true;

@@ -576,7 +576,7 @@ class PoolAcceptor {
 
     ReactorPool<R>* pool;
     Handler prototype;
-    Transport transport;
+    [[no_unique_address]] Transport transport;
     ConnectionOptions options;
     bool tcp;
     bool least;

@@ -164,7 +164,8 @@ class TlsTransport {
   // A prototype on `context` (server or client, as the context's role). `peer_name`, for a
   // client: the server's host name, sent as SNI and checked against its certificate (an IP
   // address is checked against the certificate's IP addresses and not sent). Empty: no SNI, and
-  // no name check. The context must outlive the prototype and its copies.
+  // no name check. The context must outlive the prototype and its copies (not the connections
+  // they start).
   TlsTransport(const TlsContext& context,
                std::string peer_name = {})  // NOLINT: implicit on purpose
       : context_(&context), peer_name_(std::move(peer_name)) {}
@@ -371,6 +372,34 @@ class TlsTransport {
   }
 
   std::error_code error() const noexcept { return error_; }
+
+  // For Connector: whether a failed handshake's error may pass on another try. Not: a
+  // certificate that did not verify, a fatal alert from the peer (it refused our certificate,
+  // version, ciphers or protocols; except internal_error and user_canceled), a version or cipher
+  // we cannot agree on. Everything else (a peer that hung up, a timeout, a socket error) is.
+  static bool is_retriable(const std::error_code& ec) noexcept {
+    if (ec.category() == tls_verify_category()) return false;
+    if (ec.category() != tls_category()) return true;
+    const auto packed = static_cast<unsigned long>(static_cast<unsigned>(ec.value()));
+    if (ERR_GET_LIB(packed) != ERR_LIB_SSL) return true;
+    const int reason = ERR_GET_REASON(packed);
+    if (reason >=
+        SSL_AD_REASON_OFFSET) {  // an alert the peer sent: SSL_AD_REASON_OFFSET + its code
+      const int alert = reason - SSL_AD_REASON_OFFSET;
+      return alert == SSL_AD_INTERNAL_ERROR || alert == SSL_AD_USER_CANCELLED;
+    }
+    switch (reason) {
+      case SSL_R_CERTIFICATE_VERIFY_FAILED:
+      case SSL_R_WRONG_VERSION_NUMBER:
+      case SSL_R_UNSUPPORTED_PROTOCOL:
+      case SSL_R_NO_PROTOCOLS_AVAILABLE:
+      case SSL_R_NO_SHARED_CIPHER:
+      case SSL_R_NO_APPLICATION_PROTOCOL:
+        return false;
+      default:
+        return true;
+    }
+  }
 
   bool has_buffered_input() const noexcept { return ssl_ != nullptr && SSL_has_pending(ssl_) == 1; }
 
