@@ -2014,3 +2014,37 @@ TEST_CASE("a shutdown whose FIN fails reports the error to on_close", "[tls][clo
   }
   CHECK(test::open_fd_count() == baseline);
 }
+
+TEST_CASE("adopt with a TlsTransport runs the handshake on a socket connected elsewhere",
+          "[tls][adopt]") {
+  const std::size_t baseline = test::open_fd_count();
+  {
+    const TlsContext server_context(TlsRole::kServer, server_options(pki().localhost));
+    const TlsContext client_context(TlsRole::kClient, client_options(pki().ca));
+    ServerLog server;
+    ClientLog client;
+    client.to_send = "over a socketpair";
+    client.close_after = client.to_send.size();
+    LT loop;
+    int ends[2];
+    REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, ends) == 0);
+    auto& accepted = reactor::adopt(loop, reactor::UniqueFd(ends[0]), ServerHandler{&server}, {},
+                                    reactor::TlsTransport(server_context));
+    std::error_code ec;
+    auto* dialed = reactor::adopt(loop, reactor::UniqueFd(ends[1]), ClientHandler{&client}, {}, ec,
+                                  reactor::TlsTransport(client_context, "localhost"));
+    REQUIRE(dialed != nullptr);
+    CHECK(!ec);
+    CHECK(accepted.state() == reactor::ConnectionState::kHandshaking);  // on_open comes later
+    CHECK(server.opened == 0);
+    REQUIRE(drive(loop, [&] { return client.closed == 1 && server.closed == 1; }));
+    CHECK(server.opened == 1);
+    CHECK(client.opened == 1);
+    CHECK(server.received == client.to_send);
+    CHECK(client.received == client.to_send);
+    CHECK(!client.close_reason);
+    CHECK(server.close_reasons == std::vector<std::error_code>{std::error_code()});
+    CHECK(server.version == TLS1_3_VERSION);
+  }
+  CHECK(test::open_fd_count() == baseline);
+}

@@ -1113,10 +1113,13 @@ class Connection final : private detail::OwnedWatcher {
 
 // Hands a connected socket to `loop` as a Connection with `handler`; sets O_NONBLOCK on it and
 // calls on_open. Returns nullptr with `ec` set on failure (the fd is closed then). The pointer is
-// valid until on_close returns.
-template <class Handler, class R, class FdSys = typename R::syscalls>
-Connection<Handler, R>* adopt(R& loop, BasicUniqueFd<FdSys> socket, Handler handler,
-                              const ConnectionOptions& options, std::error_code& ec) noexcept {
+// valid until on_close returns. transport: as for Connection::open (TlsTransport(context, peer
+// name): the handshake runs first, and on_open, or on_handshake_failed, follows it).
+template <class Handler, class R, class FdSys = typename R::syscalls,
+          class Transport = PlainTransport>
+Connection<Handler, R, Transport>* adopt(R& loop, BasicUniqueFd<FdSys> socket, Handler handler,
+                                         const ConnectionOptions& options, std::error_code& ec,
+                                         Transport transport = Transport()) noexcept {
   using Sys = typename R::syscalls;
   const int flags = Sys::fcntl(socket.get(), F_GETFL, 0);
   if (flags < 0 || Sys::fcntl(socket.get(), F_SETFL, flags | O_NONBLOCK) < 0) {
@@ -1126,17 +1129,20 @@ Connection<Handler, R>* adopt(R& loop, BasicUniqueFd<FdSys> socket, Handler hand
   int domain = AF_UNIX;
   socklen_t length = sizeof domain;
   Sys::getsockopt(socket.get(), SOL_SOCKET, SO_DOMAIN, &domain, &length);
-  return Connection<Handler, R>::open(loop, socket.release(), std::move(handler), options,
-                                      domain != AF_UNIX, ec);
+  return Connection<Handler, R, Transport>::open(loop, socket.release(), std::move(handler),
+                                                 options, domain != AF_UNIX, ec, false,
+                                                 std::move(transport));
 }
 
 // Throwing overload: std::system_error naming "adopt".
-template <class Handler, class R, class FdSys = typename R::syscalls>
-Connection<Handler, R>& adopt(R& loop, BasicUniqueFd<FdSys> socket, Handler handler,
-                              const ConnectionOptions& options = {}) {
+template <class Handler, class R, class FdSys = typename R::syscalls,
+          class Transport = PlainTransport>
+Connection<Handler, R, Transport>& adopt(R& loop, BasicUniqueFd<FdSys> socket, Handler handler,
+                                         const ConnectionOptions& options = {},
+                                         Transport transport = Transport()) {
   std::error_code ec;
-  Connection<Handler, R>* connection =
-      adopt(loop, std::move(socket), std::move(handler), options, ec);
+  Connection<Handler, R, Transport>* connection =
+      adopt(loop, std::move(socket), std::move(handler), options, ec, std::move(transport));
   if (connection == nullptr) detail::throw_error(ec, "adopt");
   return *connection;
 }

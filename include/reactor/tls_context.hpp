@@ -55,6 +55,9 @@ class TlsCategory final : public std::error_category {
  public:
   const char* name() const noexcept override { return "reactor.tls"; }
   std::string message(int value) const override {
+    // The reason strings are loaded with libssl's initialisation, which the first SSL_CTX does:
+    // a code formatted before any (a test, a log line) would read "reason(240)" otherwise.
+    OPENSSL_init_ssl(OPENSSL_INIT_LOAD_SSL_STRINGS | OPENSSL_INIT_LOAD_CRYPTO_STRINGS, nullptr);
     const auto code = static_cast<unsigned long>(value);
     const char* reason = ERR_reason_error_string(code);
     if (reason == nullptr) {

@@ -486,6 +486,6 @@ int main(int argc, char** argv) {
   }
   std::fprintf(
       stderr,
-      "usage: bench_tls serve|run ... (see the comment at the top of bench/tls_bench.cpp)\n");
+      "usage: bench_tls serve|run ... (see the comment at the top of bench/tls_load.cpp)\n");
   return 2;
 }
