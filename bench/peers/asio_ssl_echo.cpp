@@ -7,9 +7,10 @@
 //
 // Changes from the example, those of bench_asio_echo (bind 127.0.0.1, print "listening on
 // HOST:PORT", TCP_NODELAY, SIGINT/SIGTERM stop, a 16 KiB buffer) plus what bench_tls's protocol
-// needs: the soft fd limit raised to the hard one (for 2000 idle connections), SIGUSR1 prints "stats CPU_US HEAP" (getrusage of the process, mallinfo2's in-use bytes).
-// No password callback or DH file (the key is not encrypted; TLS 1.3 uses ECDHE), and the
-// context is tls_server with asio's default options.
+// needs: the soft fd limit raised to the hard one (for 2000 idle connections), SIGUSR1 prints
+// "stats CPU_US HEAP" (getrusage of the process, mallinfo2's in-use bytes). No password callback or
+// DH file (the key is not encrypted; TLS 1.3 uses ECDHE), and the context is tls_server with asio's
+// default options.
 #include <malloc.h>
 #include <sys/resource.h>
 
@@ -27,19 +28,19 @@ using asio::ip::tcp;
 
 class session : public std::enable_shared_from_this<session> {
  public:
-  session(tcp::socket socket, asio::ssl::context& context)
-      : socket_(std::move(socket), context) {}
+  session(tcp::socket socket, asio::ssl::context& context) : socket_(std::move(socket), context) {}
 
   void start() { do_handshake(); }
 
  private:
   void do_handshake() {
     auto self(shared_from_this());
-    socket_.async_handshake(asio::ssl::stream_base::server, [this, self](const std::error_code& error) {
-      if (!error) {
-        do_read();
-      }
-    });
+    socket_.async_handshake(asio::ssl::stream_base::server,
+                            [this, self](const std::error_code& error) {
+                              if (!error) {
+                                do_read();
+                              }
+                            });
   }
 
   void do_read() {
@@ -69,7 +70,8 @@ class session : public std::enable_shared_from_this<session> {
 
 class server {
  public:
-  server(asio::io_context& io_context, unsigned short port, const std::string& cert, const std::string& key)
+  server(asio::io_context& io_context, unsigned short port, const std::string& cert,
+         const std::string& key)
       : acceptor_(io_context, tcp::endpoint(asio::ip::make_address("127.0.0.1"), port)),
         context_(asio::ssl::context::tls_server) {
     context_.set_options(asio::ssl::context::default_workarounds | asio::ssl::context::no_sslv2);
