@@ -42,6 +42,7 @@
 #include <string>
 #include <string_view>
 #include <system_error>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -2045,6 +2046,45 @@ TEST_CASE("adopt with a TlsTransport runs the handshake on a socket connected el
     CHECK(!client.close_reason);
     CHECK(server.close_reasons == std::vector<std::error_code>{std::error_code()});
     CHECK(server.version == TLS1_3_VERSION);
+  }
+  CHECK(test::open_fd_count() == baseline);
+}
+
+TEST_CASE("bytes sent during the handshake go out after on_open and in order",
+          "[tls][adopt][regression]") {
+  // A handle made while the connection still handshakes (adopt() returns it then): its send()
+  // was refused inside the loop and dropped (after reporting success) from outside it.
+  const std::size_t baseline = test::open_fd_count();
+  {
+    const TlsContext server_context(TlsRole::kServer, server_options(pki().localhost));
+    const TlsContext client_context(TlsRole::kClient, client_options(pki().ca));
+    ServerLog server;
+    server.echo = false;
+    ClientLog client;
+    const std::string expected = "through a handle, then directly";
+    client.close_after = expected.size();
+    LT loop;
+    int ends[2];
+    REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, ends) == 0);
+    auto& accepted = reactor::adopt(loop, reactor::UniqueFd(ends[0]), ServerHandler{&server}, {},
+                                    reactor::TlsTransport(server_context));
+    REQUIRE(accepted.state() == reactor::ConnectionState::kHandshaking);
+    const reactor::ConnectionHandle handle = accepted.handle();
+    // From another thread: posted, run by the loop before the handshake is done.
+    std::error_code posted = std::make_error_code(std::errc::io_error);
+    std::thread([&] { posted = handle.send("through a handle, "); }).join();
+    CHECK(!posted);
+    loop.run_once(0ms);  // the posted send runs now, still in the handshake
+    REQUIRE(accepted.state() == reactor::ConnectionState::kHandshaking);
+    CHECK(accepted.send("then directly"));
+    CHECK(accepted.pending_output_bytes() == expected.size());
+    CHECK(server.opened == 0);
+    reactor::adopt(loop, reactor::UniqueFd(ends[1]), ClientHandler{&client}, {},
+                   reactor::TlsTransport(client_context, "localhost"));
+    REQUIRE(drive(loop, [&] { return client.closed == 1 && server.closed == 1; }));
+    CHECK(server.opened == 1);
+    CHECK(client.received == expected);
+    CHECK(!client.close_reason);
   }
   CHECK(test::open_fd_count() == baseline);
 }

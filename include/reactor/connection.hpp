@@ -142,15 +142,16 @@ class Connection final : private detail::OwnedWatcher {
   }
 
   // Sends bytes: written at once when nothing is queued, the rest queued and written as the socket
-  // drains. Returns false when the bytes were not accepted: the connection is closed or closing,
-  // or this send failed and closed it (on_close reports why: a write error, or
-  // Error::kOutputLimit when pending output would pass max_pending_output; part of the bytes may
-  // have been written before that). Accepted bytes are delivered in order unless the connection
-  // later fails, which on_close then reports.
+  // drains (while a transport's handshake runs, all queued: they go out once it is done, and
+  // on_handshake_failed reports their loss if it fails). Returns false when the bytes were not
+  // accepted: the connection is closed or closing, or this send failed and closed it (on_close
+  // reports why: a write error, or Error::kOutputLimit when pending output would pass
+  // max_pending_output; part of the bytes may have been written before that). Accepted bytes are
+  // delivered in order unless the connection later fails, which on_close then reports.
   bool send(const void* data, std::size_t size) noexcept {
-    if (phase_ != Phase::kOpen) return false;
+    if (phase_ != Phase::kOpen && !handshaking()) return false;
     const char* bytes = static_cast<const char*>(data);
-    if (output_.empty()) {
+    if (output_.empty() && !handshaking()) {
       while (size > 0) {
         const ssize_t n = transport_.template send<Sys>(fd, bytes, size);
         if (n >= 0) {
@@ -413,10 +414,17 @@ class Connection final : private detail::OwnedWatcher {
     }
   }
 
-  bool reading_enabled() const noexcept {
+  // In the handshake phase (never, without a transport that has one).
+  bool handshaking() const noexcept {
     if constexpr (kHandshake) {
-      if (phase_ == Phase::kHandshake) return false;  // the handshake reads for itself
+      return phase_ == Phase::kHandshake;
+    } else {
+      return false;
     }
+  }
+
+  bool reading_enabled() const noexcept {
+    if (handshaking()) return false;  // the handshake reads for itself
     return phase_ <= Phase::kFinSent && (flags_ & (kEof | kUserPaused | kBackpressure)) == 0;
   }
 
@@ -536,6 +544,10 @@ class Connection final : private detail::OwnedWatcher {
     if (fd < 0) return;
     if constexpr (HasOnOpen<Handler, Connection>) {
       if (!guarded([this] { handler_.on_open(*this); }) || fd < 0) return;
+    }
+    if (!output_.empty()) {  // sent during the handshake (through a handle, say), then on_open's
+      flush();
+      if (fd < 0) return;
     }
     if (loop_->draining()) begin_drain();
     if (fd >= 0 && reading_enabled() && (kEdge || transport_.has_buffered_input())) {

@@ -29,7 +29,11 @@
 // on_eof (TLS half-close is close_notify with the connection left open, which is on_eof). In
 // TLS 1.3 a client finishes its handshake before the server has checked the client's
 // certificate: a server that requires one and rejects it reports on_handshake_failed, while the
-// client sees on_open (and on_result) first, then on_close with the server's alert.
+// client sees on_open (and on_result) first, then on_close with the server's alert. Failures that
+// abort (a read or write timeout, abort(), an error) send no close_notify: the peer sees a
+// truncation. Renegotiation is refused (SSL_OP_NO_RENEGOTIATION). A connector's Unix-socket
+// endpoint has no name to check the certificate against: give the prototype a peer name. Bytes
+// sent while the handshake runs (send(), or a handle's) are queued and go out after on_open.
 //
 // Threading: a TlsTransport belongs to its connection's reactor thread. Contexts are shared by
 // any number of reactors (TlsContext::new_ssl and reload are thread-safe).
