@@ -16,24 +16,14 @@ using reactor::TlsOptions;
 using reactor::TlsRole;
 using reactor::TlsVerify;
 using reactor::TlsVersion;
+using reactor_test::client_options;
 using reactor_test::Pem;
+using reactor_test::server_options;
 using reactor_test::TestCa;
 
 namespace {
 
 using SslPtr = std::unique_ptr<SSL, reactor::detail::TlsFree<SSL_free>>;
-
-TlsOptions server_options(const Pem& pem) {
-  TlsOptions options;
-  options.certificates.push_back(TlsCertificate::from_pem(pem.certificate, pem.key));
-  return options;
-}
-
-TlsOptions client_options(const TestCa& ca) {
-  TlsOptions options;
-  options.ca_pem = ca.certificate_pem();
-  return options;
-}
 
 SslPtr new_ssl(const TlsContext& context) {
   std::error_code ec;

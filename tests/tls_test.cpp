@@ -65,8 +65,10 @@ using reactor::TlsOptions;
 using reactor::TlsRole;
 using reactor::TlsVerify;
 using reactor::TlsVersion;
+using reactor_test::client_options;
 using reactor_test::KeyType;
 using reactor_test::Pem;
+using reactor_test::server_options;
 using reactor_test::TestCa;
 using X509Ptr = reactor_test::detail::X509Ptr;
 using LT = reactor::Reactor<reactor::LevelTriggered>;
@@ -88,18 +90,6 @@ Pem self_signed(const std::string& cn) {
   const X509Ptr certificate = d::make_certificate(key.get(), cn, nullptr, false);
   d::sign(certificate.get(), key.get());
   return {d::certificate_pem(certificate.get()), d::key_pem(key.get())};
-}
-
-TlsOptions server_options(const Pem& pem) {
-  TlsOptions options;
-  options.certificates.push_back(TlsCertificate::from_pem(pem.certificate, pem.key));
-  return options;
-}
-
-TlsOptions client_options(const TestCa& ca) {
-  TlsOptions options;
-  options.ca_pem = ca.certificate_pem();
-  return options;
 }
 
 // A CA and a server certificate for localhost and 127.0.0.1, shared by the tests that need no

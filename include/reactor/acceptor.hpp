@@ -89,18 +89,12 @@ class Acceptor : private detail::Watcher {
   // "getsockname", "epoll_ctl").
   Acceptor(R& loop, const Endpoint& endpoint, Handler prototype = Handler{},
            const ListenOptions& options = {})
-      : Watcher(&on_watcher_op), loop_(&loop), prototype_(std::move(prototype)), options_(options) {
-    const char* what = nullptr;
-    if (const std::error_code ec = open(endpoint, what)) detail::throw_error(ec, what);
-  }
+      : Acceptor(loop, endpoint, Transport(), std::move(prototype), options) {}
 
   // As above, reporting failure through `ec` (the acceptor is then closed).
   Acceptor(R& loop, const Endpoint& endpoint, Handler prototype, const ListenOptions& options,
            std::error_code& ec) noexcept
-      : Watcher(&on_watcher_op), loop_(&loop), prototype_(std::move(prototype)), options_(options) {
-    const char* what = nullptr;
-    ec = open(endpoint, what);
-  }
+      : Acceptor(loop, endpoint, Transport(), std::move(prototype), options, ec) {}
 
   // As the two above, each accepted connection getting a copy of `transport` (TlsTransport: the
   // server's TlsContext, see reactor/tls.hpp).

@@ -1,6 +1,7 @@
 // Test-only: throw-away certificates made in memory with OpenSSL at test time (no committed keys,
 // no openssl command): a test CA and the leaf certificates it issues for DNS names and IP
-// addresses; and TempDir, a temporary directory for tests that need PEM files.
+// addresses; TLS options for a server or client built on them; and TempDir, a temporary directory
+// for tests that need PEM files.
 #pragma once
 
 #include <openssl/bn.h>
@@ -21,6 +22,8 @@
 #include <system_error>
 #include <vector>
 
+#include <reactor/tls_context.hpp>
+
 namespace reactor_test {
 
 enum class KeyType { kEcdsaP256, kRsa2048 };
@@ -32,16 +35,10 @@ struct Pem {
 
 namespace detail {
 
-template <auto Free>
-struct OsslFree {
-  template <class T>
-  void operator()(T* p) const noexcept {
-    Free(p);
-  }
-};
-using KeyPtr = std::unique_ptr<EVP_PKEY, OsslFree<EVP_PKEY_free>>;
-using X509Ptr = std::unique_ptr<X509, OsslFree<X509_free>>;
-using BioPtr = std::unique_ptr<BIO, OsslFree<BIO_free>>;
+using reactor::detail::TlsFree;
+using KeyPtr = std::unique_ptr<EVP_PKEY, TlsFree<EVP_PKEY_free>>;
+using X509Ptr = std::unique_ptr<X509, TlsFree<X509_free>>;
+using BioPtr = std::unique_ptr<BIO, TlsFree<BIO_free>>;
 
 // Throws std::runtime_error naming `step` and OpenSSL's first queued error unless `ok`.
 inline void check(bool ok, const char* step) {
@@ -98,7 +95,7 @@ inline X509Ptr make_certificate(EVP_PKEY* key, const std::string& cn, X509* issu
   check(certificate != nullptr, "X509_new");
   X509* const c = certificate.get();
   check(X509_set_version(c, X509_VERSION_3) == 1, "version");
-  const std::unique_ptr<BIGNUM, OsslFree<BN_free>> serial(BN_new());
+  const std::unique_ptr<BIGNUM, TlsFree<BN_free>> serial(BN_new());
   check(serial && BN_rand(serial.get(), 63, BN_RAND_TOP_ANY, BN_RAND_BOTTOM_ANY) == 1, "serial");
   check(BN_to_ASN1_INTEGER(serial.get(), X509_get_serialNumber(c)) != nullptr, "serial");
   const long day = 24L * 3600;
@@ -169,6 +166,19 @@ class TestCa {
 
 // A fresh temporary directory (mkdtemp under $TMPDIR or /tmp), removed with its contents by the
 // destructor.
+// A server serving `pem`, and a client trusting `ca` (contexts' other settings at their defaults).
+inline reactor::TlsOptions server_options(const Pem& pem) {
+  reactor::TlsOptions options;
+  options.certificates.push_back(reactor::TlsCertificate::from_pem(pem.certificate, pem.key));
+  return options;
+}
+
+inline reactor::TlsOptions client_options(const TestCa& ca) {
+  reactor::TlsOptions options;
+  options.ca_pem = ca.certificate_pem();
+  return options;
+}
+
 class TempDir {
  public:
   TempDir() {
