@@ -482,8 +482,9 @@ class Connection final : private detail::OwnedWatcher {
         if ((flags_ & (kUserPaused | kEof)) == kUserPaused && phase_ <= Phase::kFinSent) {
           // The peer is done (TCP: both FINs are through; a Unix socket: the peer closed) but the
           // handler paused before reading its EOF. Leave the epoll set (the EPOLLHUP would spin)
-          // until the handler resumes (reading_resumed re-adds it).
-          loop_->deregister(*this);
+          // until the handler resumes (reading_resumed re-adds it). Should EPOLL_CTL_DEL fail, the
+          // fd stays in the set and the EPOLLHUP would come back at once: close with that error.
+          if (const std::error_code ec = loop_->deregister(*this)) fail(ec);
         } else {
           fail(make_error_code(Error::kPeerHangup));
         }

@@ -347,12 +347,15 @@ class Reactor {
   // queued events are dropped by their fd of -1 until they are freed after the batch (a paused
   // connection that leaves the set on EPOLLHUP keeps its fd: epoll reported it once in this
   // batch, and that event is the one being handled).
-  void deregister(detail::Watcher& watcher) noexcept {
-    if (!watcher.registered) return;
+  // Returns the error of EPOLL_CTL_DEL, if any; the watcher counts as out of the set either way
+  // (a caller about to close the fd needs nothing more; one that keeps it must act on the error).
+  std::error_code deregister(detail::Watcher& watcher) noexcept {
+    if (!watcher.registered) return {};
     epoll_event event{};
-    Sys::epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, watcher.fd, &event);
+    const int result = Sys::epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, watcher.fd, &event);
     watcher.registered = false;
     watcher.interest = 0;
+    return result < 0 ? detail::last_errno_code() : std::error_code{};
   }
 
   // Drops any event for `watcher` still queued in the batch being dispatched (for a watcher about

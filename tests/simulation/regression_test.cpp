@@ -630,3 +630,41 @@ TEST_CASE("delays with unsigned and narrow representations keep their deadline",
   CHECK(fired.back().first == "at once");
   CHECK(loop.pending_timers() == 1);
 }
+
+// Guards: a paused connection whose peer is gone (both FINs through: EPOLLHUP, which level mode
+// reports on every epoll_wait) leaves the epoll set; when that EPOLL_CTL_DEL fails, it closes with
+// the error. It ignored the failure and believed itself out of the set, so the EPOLLHUP came back
+// at once, forever: sim_fuzzer found the loop spinning in shutdown() with an injected ENOMEM
+// (tests/fuzz/corpus/sim_fuzzer/regression-shutdown-paused-hup-del-enomem).
+TEST_CASE("a paused connection whose EPOLL_CTL_DEL fails on EPOLLHUP closes instead of spinning",
+          "[regression][simulation][close]") {
+  using Loop = SimLoop<reactor::LevelTriggered>;
+  sim::Kernel kernel;
+  ProbeLog<Loop> log;
+  Loop loop;
+  Probe<Loop> probe{&log};
+  probe.pause_on_open = true;
+  probe.shutdown_on_open = true;
+  reactor::Acceptor<Probe<Loop>, Loop> acceptor(loop, reactor::Endpoint::parse("127.0.0.1:7000"),
+                                                probe);
+  const sim::PeerId peer = *kernel.connect(7000);
+  REQUIRE(run_sim_until(
+      loop, [&] { return log.connection != nullptr; }, 10));
+  const int fd = log.connection->native_handle();
+  int failed_ctls = 0;
+  kernel.set_faults([&](sim::Op op, int on_fd) {
+    if (op != sim::Op::kEpollCtl || on_fd != fd) return sim::Fault{};
+    ++failed_ctls;
+    return sim::Fault{ENOMEM};
+  });
+  CHECK(kernel.peer_send(peer, "unread") == 6);
+  CHECK(kernel.peer_shutdown(peer) == 0);
+  for (int i = 0; i < 50 && log.closes == 0; ++i) {
+    kernel.external_step();
+    loop.run_once(0ms);
+  }
+  CHECK(failed_ctls == 1);
+  CHECK(log.closes == 1);
+  CHECK(log.reason == std::error_code(ENOMEM, std::system_category()));
+  CHECK(log.input.empty());
+}
