@@ -98,6 +98,11 @@ struct ThreadRecordingSyscalls : reactor::LinuxSyscalls {
     last_send_thread.store(std::this_thread::get_id());
     return ::send(fd, buffer, size, flags);
   }
+  // Bytes sent from a callback are coalesced and written with sendmsg after it.
+  static ssize_t sendmsg(int fd, const msghdr* message, int flags) noexcept {
+    last_send_thread.store(std::this_thread::get_id());
+    return ::sendmsg(fd, message, flags);
+  }
 };
 
 // Runs the loop again from inside on_data, which must be refused.

@@ -68,6 +68,18 @@ concept HasOnDrain = requires(H& handler, Conn& connection) {
   handler.on_drain(connection);
 };
 
+// `static constexpr bool coalesce_sends = false;` in a handler: its connections write each send
+// at once (no copy, one write per send), as before coalescing; without it (or true) the sends made
+// inside the loop coalesce (Connection::send).
+template <class H>
+constexpr bool coalesces_sends() noexcept {
+  if constexpr (requires { H::coalesce_sends; }) {
+    return static_cast<bool>(H::coalesce_sends);
+  } else {
+    return true;
+  }
+}
+
 // on_eof(c): the peer half-closed. Without this hook the connection closes after flushing; with
 // it, the handler decides (it may go on sending, then call shutdown() or close()).
 template <class H, class Conn>

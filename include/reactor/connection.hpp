@@ -22,12 +22,15 @@
 #include <sys/socket.h>
 #include <sys/uio.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
 #include <limits>
 #include <new>
+#include <span>
 #include <string_view>
 #include <system_error>
 #include <utility>
@@ -97,7 +100,9 @@ class Connection final : private detail::OwnedWatcher {
   static constexpr bool kHandshake = Transport::kHandshake;
   using Clock = std::chrono::steady_clock;
   static constexpr bool kEdge = R::kEdgeTriggered;
+  static constexpr bool kCoalesce = coalesces_sends<Handler>();
   static constexpr int kMaxIovecs = 64;
+  static constexpr int kMaxGather = 16;  // buffers per writev of send(span): the rest in groups
 
  public:
   using handler_type = Handler;
@@ -141,53 +146,74 @@ class Connection final : private detail::OwnedWatcher {
     return ConnectionState::kClosed;
   }
 
-  // Sends bytes: written at once when nothing is queued, the rest queued and written as the socket
-  // drains (while a transport's handshake runs, all queued: they go out once it is done, and
-  // on_handshake_failed reports their loss if it fails). Returns false when the bytes were not
-  // accepted: the connection is closed or closing, or this send failed and closed it (on_close
-  // reports why: a write error, or Error::kOutputLimit when pending output would pass
-  // max_pending_output; part of the bytes may have been written before that). Accepted bytes are
-  // delivered in order unless the connection later fails, which on_close then reports.
+  // Sends bytes, in order with everything sent before. Inside the loop (any callback: on_data,
+  // on_drain, a timer, posted work) the bytes of the sends made to one connection in a row are
+  // written together, with one write, when the callbacks of the current loop step are done:
+  // a handler answering 16 pipelined requests with 16 sends makes one write. A send of at least
+  // kCoalesceLimit bytes is written at once instead (with the bytes coalesced before it, in one
+  // writev), so that large buffers are not copied. Outside the loop (before run(), between
+  // run_once() calls) bytes are written at once when nothing is queued. Whatever the kernel does
+  // not take is queued and written as the socket drains. While a transport's handshake runs, all
+  // is queued: it goes out once the handshake is done (on_handshake_failed reports its loss if
+  // it fails).
+  // Returns false when the bytes were not accepted: the connection is closed or closing, or this
+  // send failed and closed it (on_close reports why: a write error, or Error::kOutputLimit when
+  // pending output would pass max_pending_output; part of the bytes may have been written).
+  // Accepted bytes are delivered in order unless the connection later fails (a coalesced write
+  // can fail after the callback returned), which on_close then reports.
   bool send(const void* data, std::size_t size) noexcept {
-    if (phase_ != Phase::kOpen && !handshaking()) return false;
-    const char* bytes = static_cast<const char*>(data);
-    if (output_.empty() && !handshaking()) {
-      while (size > 0) {
-        const ssize_t n = transport_.template send<Sys>(fd, bytes, size);
-        if (n >= 0) {
-          last_write_ = loop_->activity_now();  // send() may run outside the loop
-          bytes += n;
-          size -= static_cast<std::size_t>(n);
-          break;  // the kernel took what fits; the rest waits for EPOLLOUT
-        }
-        if (errno == EINTR) continue;
-        if (errno == EAGAIN || errno == EWOULDBLOCK) {
-          if (!rearm_after_full_write()) return false;
-          break;
-        }
-        fail(transport_.error());
-        return false;
+    // The common case inline: a small send inside the loop, nothing queued.
+    if (kCoalesce && phase_ == Phase::kOpen && (flags_ & kUserCorked) == 0 && output_.empty() &&
+        size - 1 < kCoalesceLimit - 1 && loop_->inside()) [[likely]] {
+      if ((flags_ & kFlushPending) == 0) {
+        loop_->cork(*this);  // writes what another connection coalesced (it calls no handler)
+        flags_ |= kFlushPending;
       }
-      if (size == 0) return true;
+      // Held bytes count against max_pending_output as queued ones do; past it, write now.
+      if (loop_->cork_size() + size <= max_pending_output_ &&
+          loop_->cork_one(static_cast<const char*>(data), size)) {
+        return true;
+      }
     }
-    if (output_.size() + size > max_pending_output_) {
-      fail(make_error_code(Error::kOutputLimit));
-      return false;
-    }
-    // The write timeout counts from here. The real clock, not the loop's: outside the loop (before
-    // run(), between run_once() calls) the cached one can be arbitrarily old, and the timeout
-    // would fire early by that much. Only when output starts queueing, never per message.
-    if (output_.empty()) last_write_ = detail::clock_now<Sys>();
-    if (!output_.append(loop_->chunk_pool(), bytes, size)) {
-      fail(std::make_error_code(std::errc::not_enough_memory));
-      return false;
-    }
-    if (output_.size() >= high_water_) flags_ |= kBackpressure;
-    update_interest();
-    return fd >= 0;  // arming EPOLLOUT can fail (ENOMEM), which closes the connection
+    const iovec piece{const_cast<void*>(data), size};
+    return send_pieces(&piece, 1, size);
   }
 
   bool send(std::string_view bytes) noexcept { return send(bytes.data(), bytes.size()); }
+
+  // Gather send: the buffers' bytes in order, as one send() of their concatenation would send
+  // them, without concatenating them first (a header and a body: one writev). Same contract as
+  // send().
+  bool send(std::span<const std::string_view> buffers) noexcept {
+    iovec pieces[kMaxGather];
+    std::size_t i = 0;
+    while (i < buffers.size()) {  // in groups of kMaxGather: each group keeps the order
+      int count = 0;
+      std::size_t total = 0;
+      for (; i < buffers.size() && count < kMaxGather; ++i) {
+        if (buffers[i].empty()) continue;
+        pieces[count++] = {const_cast<char*>(buffers[i].data()), buffers[i].size()};
+        total += buffers[i].size();
+      }
+      if (!send_pieces(pieces, count, total)) return false;
+    }
+    return phase_ == Phase::kOpen || handshaking() || buffers.empty();
+  }
+  bool send(std::initializer_list<std::string_view> buffers) noexcept {
+    return send(std::span<const std::string_view>(buffers.begin(), buffers.size()));
+  }
+
+  // Holds output back: sends only queue it until uncork() (or close()/shutdown(), which uncork),
+  // which writes it with as few writes as the kernel allows. For code outside the loop's
+  // callbacks (inside them, sends coalesce by themselves); pending_output_bytes() counts what is
+  // held. Not nestable: one uncork() ends any number of cork()s.
+  void cork() noexcept {
+    if (phase_ == Phase::kOpen) flags_ |= kUserCorked;
+  }
+  void uncork() noexcept { release_cork(); }
+
+  // Sends coalesce below this size (see send()).
+  static constexpr std::size_t kCoalesceLimit = 4096;
 
   // A handle for other threads (and for code that may outlive this connection). Returns an empty
   // handle when the reactor's handle table cannot grow (out of memory).
@@ -205,8 +231,10 @@ class Connection final : private detail::OwnedWatcher {
   // also arrived, the connection closes.
   void shutdown() noexcept {
     if (phase_ != Phase::kOpen) return;
+    release_cork();  // its on_drain may act here
+    if (phase_ != Phase::kOpen) return;
     phase_ = Phase::kShutdown;
-    if (output_.empty()) send_fin();
+    if (output_.empty() && (flags_ & kFlushPending) == 0) send_fin();
   }
 
   // Stops delivering input, flushes pending output, then closes (lingering for the peer's EOF
@@ -219,10 +247,12 @@ class Connection final : private detail::OwnedWatcher {
       close_now(std::make_error_code(std::errc::operation_canceled));
       return;
     }
+    release_cork();  // its on_drain may act here
+    if (phase_ >= Phase::kClosing) return;
     const bool fin_sent = phase_ == Phase::kFinSent;
     phase_ = Phase::kClosing;
     drop_input();
-    if (output_.empty()) {
+    if (output_.empty() && (flags_ & kFlushPending) == 0) {
       finish_close(fin_sent);
     } else {
       update_interest();
@@ -249,7 +279,10 @@ class Connection final : private detail::OwnedWatcher {
   // False while paused by the user, by backpressure, after EOF, or while closing.
   bool is_reading() const noexcept { return reading_enabled(); }
 
-  std::size_t pending_output_bytes() const noexcept { return output_.size(); }
+  // Bytes accepted by send() and not yet written (coalesced ones included).
+  std::size_t pending_output_bytes() const noexcept {
+    return output_.size() + ((flags_ & kFlushPending) != 0 ? loop_->cork_size() : 0);
+  }
   std::size_t pending_input_bytes() const noexcept { return input_.size(); }
 
   // Socket addresses; empty endpoints once closed or on failure.
@@ -343,6 +376,8 @@ class Connection final : private detail::OwnedWatcher {
     kTcp = 1 << 8,              // TCP, not AF_UNIX: SIOCOUTQ counts bytes not yet delivered
     kHandshakeWrite = 1 << 9,   // the handshake waits for the socket to be writable
     kNeverOpened = 1 << 10,     // the handshake never finished: on_handshake_failed, not on_close
+    kFlushPending = 1 << 11,    // output_ holds bytes coalesced in this loop step (the loop's cork)
+    kUserCorked = 1 << 12,      // cork(): output waits for uncork()
   };
 
   Connection(R& loop, int socket, Handler&& handler, const ConnectionOptions& options,
@@ -386,9 +421,11 @@ class Connection final : private detail::OwnedWatcher {
     switch (op) {
       case detail::WatcherOp::kEvent:
         self.handle_events(events);
+        self.flush_own_coalesced();
         break;
       case detail::WatcherOp::kResume:
         self.handle_resume();
+        self.flush_own_coalesced();
         break;
       case detail::WatcherOp::kClose:
         self.close();
@@ -410,6 +447,9 @@ class Connection final : private detail::OwnedWatcher {
       }
       case detail::WatcherOp::kDrain:
         self.begin_drain();
+        break;
+      case detail::WatcherOp::kFlush:
+        if ((self.flags_ & kFlushPending) != 0 && self.fd >= 0) self.flush_coalesced();
         break;
     }
   }
@@ -563,11 +603,11 @@ class Connection final : private detail::OwnedWatcher {
   // AF_UNIX reads can stop short at a boundary between messages carrying different credentials
   // or fds, so Unix sockets always read to EAGAIN.
   [[gnu::always_inline]] inline void read_some(bool woken_by_epoll) noexcept {
-    char* buffer = loop_->read_buffer();
     const std::size_t capacity = loop_->read_buffer_size();
     int budget = kEdge ? loop_->max_reads_per_wakeup() : 1;
     bool first = true;
     while (reading_enabled()) {
+      char* buffer = loop_->read_buffer();  // each time: bytes sent from it are copied out first
       const ssize_t n = transport_.template read<Sys>(fd, buffer, capacity);
       if (n > 0) {
         first = false;
@@ -712,6 +752,165 @@ class Connection final : private detail::OwnedWatcher {
     }
   }
 
+  // send()'s body: `count` pieces, `total` bytes in all.
+  [[gnu::noinline]] bool send_pieces(const iovec* pieces, int count, std::size_t total) noexcept {
+    if (phase_ != Phase::kOpen) return handshaking() && enqueue(pieces, count, total, 0);
+    if (total == 0) return true;
+    // Held by cork(), or behind bytes that wait for EPOLLOUT: queued after them. (While bytes are
+    // coalesced, output_ is empty.)
+    if ((flags_ & kUserCorked) != 0 || !output_.empty()) return enqueue(pieces, count, total, 0);
+    if (kCoalesce && loop_->inside()) {
+      if ((flags_ & kFlushPending) == 0) {
+        loop_->cork(*this);  // writes what another connection coalesced (it calls no handler)
+        flags_ |= kFlushPending;
+      }
+      if (total < kCoalesceLimit && total <= loop_->cork_room() &&
+          loop_->cork_size() + total <= max_pending_output_) {
+        loop_->cork_append(pieces, count);
+        return true;
+      }
+    }
+    return write_now(pieces, count, total);
+  }
+
+  // Writes the bytes coalesced so far (if any) and then `pieces`, with one call, and ends the
+  // coalescing; queues what the kernel does not take. Only while output_ is empty.
+  [[gnu::noinline]] bool write_now(const iovec* pieces, int count, std::size_t total) noexcept {
+    iovec vectors[kMaxGather + 1];
+    int vector_count = 0;
+    std::size_t corked = 0;
+    const bool held = (flags_ & kFlushPending) != 0;
+    if (held) {
+      flags_ &= ~kFlushPending;
+      loop_->uncork(*this);
+      corked = loop_->cork_size();
+      if (corked > 0) vectors[vector_count++] = {const_cast<char*>(loop_->cork_data()), corked};
+    }
+    std::copy_n(pieces, count, vectors + vector_count);
+    vector_count += count;
+    ssize_t n = 0;
+    do {
+      n = vector_count == 1
+              ? transport_.template send<Sys>(fd, static_cast<const char*>(vectors[0].iov_base),
+                                              vectors[0].iov_len)
+              : transport_.template sendv<Sys>(fd, vectors, vector_count);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0) {
+      if (errno != EAGAIN && errno != EWOULDBLOCK) {
+        loop_->reset_cork();
+        fail(transport_.error());
+        return false;
+      }
+      if (!rearm_after_full_write()) {
+        loop_->reset_cork();
+        return false;
+      }
+      n = 0;
+    } else {
+      last_write_ = loop_->activity_now();  // send() may run outside the loop
+    }
+    if (static_cast<std::size_t>(n) == corked + total) {
+      loop_->reset_cork();
+      if (held) update_interest();  // skipped while bytes were held (pause_reading(), say)
+      return true;
+    }
+    // The socket is full: the rest waits for EPOLLOUT.
+    const bool queued = enqueue(vectors, vector_count, corked + total, static_cast<std::size_t>(n));
+    loop_->reset_cork();
+    return queued;
+  }
+
+  // The end of a loop step (kFlush): writes the coalesced bytes; what the kernel does not take
+  // waits for EPOLLOUT. Then a close() or shutdown() made meanwhile goes on.
+  void flush_coalesced() noexcept {
+    flags_ &= ~kFlushPending;
+    const iovec corked{const_cast<char*>(loop_->cork_data()), loop_->cork_size()};
+    ssize_t n = 0;
+    do {
+      n = transport_.template send<Sys>(fd, loop_->cork_data(), corked.iov_len);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0) {
+      if (errno != EAGAIN && errno != EWOULDBLOCK) {
+        loop_->reset_cork();
+        fail(transport_.error());
+        return;
+      }
+      if (!rearm_after_full_write()) {
+        loop_->reset_cork();
+        return;
+      }
+      n = 0;
+    } else {
+      last_write_ = loop_->cached_now();
+    }
+    if (static_cast<std::size_t>(n) < corked.iov_len) {
+      enqueue(&corked, 1, corked.iov_len, static_cast<std::size_t>(n));  // failing, it closes
+      loop_->reset_cork();
+      return;
+    }
+    loop_->reset_cork();
+    // A close() or shutdown() may have waited for these, and the interest for the flush (both
+    // skipped while bytes were held).
+    output_drained();
+  }
+
+  // The end of this connection's own callbacks: what they sent it goes out now, without waiting
+  // for the loop's flush_corked() (one indirect call less per event).
+  void flush_own_coalesced() noexcept {
+    if (!kCoalesce || (flags_ & kFlushPending) == 0) return;
+    loop_->uncork(*this);
+    if (fd >= 0) flush_coalesced();
+  }
+
+  // A connection about to close: one best-effort write of its coalesced bytes (an abort() or a
+  // throw after send() in the same step), as they would have been written without coalescing.
+  void write_coalesced() noexcept {
+    flags_ &= ~kFlushPending;
+    loop_->uncork(*this);
+    ssize_t n = 0;
+    do {
+      n = transport_.template send<Sys>(fd, loop_->cork_data(), loop_->cork_size());
+    } while (n < 0 && errno == EINTR);
+    loop_->reset_cork();
+  }
+
+  // Queues `pieces` but their first `skip` bytes (already written).
+  bool enqueue(const iovec* pieces, int count, std::size_t total, std::size_t skip) noexcept {
+    if (output_.size() + (total - skip) > max_pending_output_) {
+      fail(make_error_code(Error::kOutputLimit));
+      return false;
+    }
+    // The write timeout counts from here. The real clock outside the loop (before run(), between
+    // run_once() calls) where the cached one can be arbitrarily old and the timeout would fire
+    // early by that much. Only when output starts queueing, never per message.
+    if (output_.empty()) last_write_ = loop_->activity_now();
+    for (int i = 0; i < count; ++i) {
+      const char* bytes = static_cast<const char*>(pieces[i].iov_base);
+      std::size_t size = pieces[i].iov_len;
+      if (skip >= size) {
+        skip -= size;
+        continue;
+      }
+      bytes += skip;
+      size -= skip;
+      skip = 0;
+      if (!output_.append(loop_->chunk_pool(), bytes, size)) {
+        fail(std::make_error_code(std::errc::not_enough_memory));
+        return false;
+      }
+    }
+    if (output_.size() >= high_water_) flags_ |= kBackpressure;
+    update_interest();
+    return fd >= 0;  // arming EPOLLOUT can fail (ENOMEM), which closes the connection
+  }
+
+  // cork() ends (uncork(), close(), shutdown()): the held output is written.
+  void release_cork() noexcept {
+    if ((flags_ & kUserCorked) == 0) return;
+    flags_ &= ~kUserCorked;
+    if (fd >= 0 && !output_.empty()) flush();
+  }
+
   void flush() noexcept {
     ChunkPool& pool = loop_->chunk_pool();
     while (!output_.empty()) {
@@ -849,7 +1048,8 @@ class Connection final : private detail::OwnedWatcher {
   // while reading, EPOLLOUT while output is pending. Edge mode registers everything once.
   void update_interest() noexcept {
     if constexpr (!kEdge) {
-      if (fd < 0) return;
+      // Coalesced output is written at the end of the loop step, whose flush updates the interest.
+      if (fd < 0 || (flags_ & kFlushPending) != 0) return;
       if constexpr (kHandshake) {
         if (phase_ == Phase::kHandshake) {
           const std::uint32_t wanted = (flags_ & kHandshakeWrite) != 0
@@ -871,7 +1071,8 @@ class Connection final : private detail::OwnedWatcher {
       }
       const std::uint32_t wanted =
           (reading_enabled() || phase_ == Phase::kLingering ? EPOLLIN | EPOLLRDHUP : 0u) |
-          (output_.empty() ? 0u : static_cast<std::uint32_t>(EPOLLOUT));
+          (output_.empty() || (flags_ & kUserCorked) != 0 ? 0u
+                                                          : static_cast<std::uint32_t>(EPOLLOUT));
       if (wanted == interest) return;
       if (const std::error_code ec = loop_->modify(*this, wanted)) fail(ec);
     }
@@ -1026,6 +1227,9 @@ class Connection final : private detail::OwnedWatcher {
   // Closes the socket now and queues on_close for after the current dispatch.
   void close_now(const std::error_code& reason, bool send_reset = false) noexcept {
     if (fd < 0) return;
+    // Bytes sent in this step before the close (an abort() or a throw after send()) go out if the
+    // socket takes them, as they would have without coalescing.
+    if ((flags_ & kFlushPending) != 0) write_coalesced();
     if (send_reset) {
       const linger option{1, 0};
       Sys::setsockopt(fd, SOL_SOCKET, SO_LINGER, &option, sizeof option);
@@ -1037,6 +1241,8 @@ class Connection final : private detail::OwnedWatcher {
     loop_->deregister(*this);
     Sys::close(std::exchange(fd, -1));
     phase_ = Phase::kClosed;
+    flags_ &= ~(kFlushPending | kUserCorked);
+    loop_->uncork(*this);
     output_.clear(loop_->chunk_pool());
     drop_input();
     if (timer_) loop_->cancel(std::exchange(timer_, TimerId{}));

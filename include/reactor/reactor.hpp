@@ -12,12 +12,14 @@
 
 #include <sys/epoll.h>
 #include <sys/timerfd.h>
+#include <sys/uio.h>
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <new>
@@ -479,6 +481,7 @@ class Reactor {
     if ((deferred_ & kReadyWork) != 0) run_ready();
     if ((deferred_ & kTimerWork) != 0) run_timers();
     if ((deferred_ & kPostedWork) != 0) run_posted();
+    if (corked_ != nullptr) flush_corked();
     finalize_closed();
     if (!fd_waiters_.empty() && (fds_freed_ || fd_waiters_due())) {
       run_fd_waiters();
@@ -559,6 +562,8 @@ class Reactor {
     what = "reactor buffers";
     read_buffer_.reset(new (std::nothrow) char[options_.read_buffer_size]);
     if (!read_buffer_) return std::make_error_code(std::errc::not_enough_memory);
+    cork_buffer_.reset(new (std::nothrow) char[kCorkBytes]);
+    if (!cork_buffer_) return std::make_error_code(std::errc::not_enough_memory);
     try {
       events_.resize(static_cast<std::size_t>(options_.initial_events));
     } catch (const std::bad_alloc&) {
@@ -588,6 +593,7 @@ class Reactor {
     for (auto* node = pending.pop_front(); node != nullptr; node = pending.pop_front()) {
       connections_.push_back(*node);
       if (node->fd >= 0) node->function(*node, op, 0, nullptr);
+      if (corked_ != nullptr) flush_corked();  // what on_shutdown sent
     }
   }
 
@@ -660,6 +666,7 @@ class Reactor {
       // this connection, say): deliver only what the watcher still asks for.
       const std::uint32_t events = event.events & (watcher->interest | EPOLLERR | EPOLLHUP);
       if (events != 0) watcher->function(*watcher, detail::WatcherOp::kEvent, events, nullptr);
+      if (corked_ != nullptr) flush_corked();  // what the handler sent, before the next read
     }
     batch_index_ = -1;
     batch_size_ = 0;
@@ -682,6 +689,7 @@ class Reactor {
     batch.splice_back(ready_);
     for (auto* node = batch.pop_front(); node != nullptr; node = batch.pop_front()) {
       if (node->fd >= 0) node->function(*node, detail::WatcherOp::kResume, 0, nullptr);
+      if (corked_ != nullptr) flush_corked();
     }
   }
 
@@ -828,7 +836,83 @@ class Reactor {
       connection_count_.store(connection_count_.load(std::memory_order_relaxed) - 1,
                               std::memory_order_relaxed);
       node->function(*node, detail::WatcherOp::kFinalize, 0, nullptr);
+      if (corked_ != nullptr) flush_corked();  // what on_close sent to other connections
     }
+  }
+
+  // Output coalescing (Connection::send inside the loop). One connection at a time, with no
+  // output queued, collects the small sends made to it in the loop's cork buffer; they are written
+  // when the callbacks of this step are done. A send to another connection first writes the one
+  // held before, so sends to one connection in a row leave in one write, and one buffer serves
+  // the loop. Every step of the loop (the events, the ready list, timers, posted work, on_close)
+  // ends with flush_corked().
+  void cork(detail::Watcher& watcher) noexcept {
+    if (corked_ == &watcher) return;
+    if (corked_ != nullptr) flush_corked();
+    corked_ = &watcher;
+  }
+  // The connection closed or wrote its coalesced bytes itself: nothing to flush for it.
+  void uncork(detail::Watcher& watcher) noexcept {
+    if (corked_ == &watcher) corked_ = nullptr;
+  }
+  // Writes the coalesced output (a flush's on_drain may coalesce again: then that too).
+  void flush_corked() noexcept {
+    while (corked_ != nullptr) {
+      detail::Watcher* watcher = std::exchange(corked_, nullptr);
+      watcher->function(*watcher, detail::WatcherOp::kFlush, 0, nullptr);
+    }
+  }
+  // True while the owner thread runs the loop (callbacks included): sends coalesce.
+  bool inside() const noexcept { return inside_; }
+  // The corked connection's bytes. A first send of bytes that lie in the read buffer (on_data's,
+  // echoed or forwarded) is only pointed at, not copied: nothing writes there before the next
+  // read, and read_buffer() copies them out first.
+  static constexpr std::size_t kCorkBytes = 16 * 1024;
+  const char* cork_data() const noexcept {
+    return cork_borrowed_ != nullptr ? cork_borrowed_ : cork_buffer_.get();
+  }
+  std::size_t cork_size() const noexcept { return cork_size_; }
+  std::size_t cork_room() const noexcept { return kCorkBytes - cork_size_; }
+  void cork_append(const iovec* pieces, int count) noexcept {
+    if (cork_size_ == 0 && count == 1) {
+      const char* bytes = static_cast<const char*>(pieces[0].iov_base);
+      const char* buffer = read_buffer_.get();
+      if (bytes >= buffer && bytes + pieces[0].iov_len <= buffer + options_.read_buffer_size) {
+        cork_borrowed_ = bytes;
+        cork_size_ = pieces[0].iov_len;
+        return;
+      }
+    }
+    if (cork_borrowed_ != nullptr) own_cork();
+    for (int i = 0; i < count; ++i) {
+      std::memcpy(cork_buffer_.get() + cork_size_, pieces[i].iov_base, pieces[i].iov_len);
+      cork_size_ += pieces[i].iov_len;
+    }
+  }
+  // cork_append for one piece (size < kCorkBytes); false when it does not fit.
+  bool cork_one(const char* bytes, std::size_t size) noexcept {
+    if (cork_size_ == 0) {
+      const char* buffer = read_buffer_.get();
+      if (bytes >= buffer && bytes + size <= buffer + options_.read_buffer_size) {
+        cork_borrowed_ = bytes;
+      } else {
+        std::memcpy(cork_buffer_.get(), bytes, size);
+      }
+      cork_size_ = size;
+      return true;
+    }
+    if (size > kCorkBytes - cork_size_) return false;
+    if (cork_borrowed_ != nullptr) own_cork();
+    std::memcpy(cork_buffer_.get() + cork_size_, bytes, size);
+    cork_size_ += size;
+    return true;
+  }
+  void reset_cork() noexcept {
+    cork_size_ = 0;
+    cork_borrowed_ = nullptr;
+  }
+  void own_cork() noexcept {
+    std::memcpy(cork_buffer_.get(), std::exchange(cork_borrowed_, nullptr), cork_size_);
   }
 
   // The clock as of this iteration's epoll_wait; stale while nothing is timed, when nothing reads
@@ -868,7 +952,12 @@ class Reactor {
   Clock::time_point drain_started() const noexcept { return drain_started_; }
   std::chrono::milliseconds drain_quiet_period() const noexcept { return drain_quiet_; }
 
-  char* read_buffer() noexcept { return read_buffer_.get(); }
+  // The buffer every read of this loop goes to (bytes coalesced from it are copied out first).
+  char* read_buffer() noexcept {
+    if (cork_borrowed_ != nullptr) [[unlikely]]
+      own_cork();
+    return read_buffer_.get();
+  }
   std::size_t read_buffer_size() const noexcept { return options_.read_buffer_size; }
   int max_reads_per_wakeup() const noexcept { return options_.max_reads_per_wakeup; }
   ChunkPool& chunk_pool() noexcept { return chunk_pool_; }
@@ -888,8 +977,12 @@ class Reactor {
   int batch_index_ = -1;
   int batch_size_ = 0;
   Clock::time_point now_{};
-  bool inside_ = false;              // the owner thread is inside run(), run_once() or shutdown()
-  std::atomic<bool> in_use_{false};  // some thread is inside run(), run_once() or shutdown()
+  bool inside_ = false;                // the owner thread is inside run(), run_once() or shutdown()
+  detail::Watcher* corked_ = nullptr;  // the connection whose coalesced output waits, if any
+  std::unique_ptr<char[]> cork_buffer_;  // its bytes: kCorkBytes
+  std::size_t cork_size_ = 0;
+  const char* cork_borrowed_ = nullptr;  // the corked bytes lie here (in read_buffer_), if set
+  std::atomic<bool> in_use_{false};      // some thread is inside run(), run_once() or shutdown()
   std::unique_ptr<char[]> read_buffer_;
   ChunkPool chunk_pool_;
   ConnectionList connections_;

@@ -22,6 +22,7 @@ enum class WatcherOp : std::uint8_t {
   kFinalize,  // the watcher is closed and unlinked: run its last callback and free it (connections)
   kSend,      // send the std::string_view that `argument` points to (connections, via handles)
   kDrain,     // a graceful shutdown began: finish serving, close once quiet (connections)
+  kFlush,     // write the output coalesced during the callbacks that just ran (connections)
 };
 
 struct Watcher {
