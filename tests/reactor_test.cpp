@@ -4,8 +4,12 @@
 
 #include <pthread.h>
 #include <signal.h>
+#include <unistd.h>
 
 #include <memory>
+#include <string>
+#include <string_view>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -248,4 +252,72 @@ TEST_CASE("graceful shutdown flushes what peers read and aborts the rest at the 
   CHECK(received == block);
   CHECK_FALSE(acceptor.is_open());
   CHECK(loop.connection_count() == 0);
+}
+
+// --- Per-loop state: local<T>() ----------------------------------------------------------------
+
+namespace {
+
+struct Tally {
+  int value = 0;
+};
+
+// Counts into the loop's Tally in on_data and on_close, and records the Tally it saw at close.
+struct TallyUser {
+  std::vector<int>* seen_at_close;
+  void on_data(auto& c, std::string_view bytes) {
+    c.reactor().template local<Tally>().value += static_cast<int>(bytes.size());
+  }
+  void on_close(auto& c, std::error_code) {
+    seen_at_close->push_back(++c.reactor().template local<Tally>().value);
+  }
+};
+
+struct Named {
+  explicit Named(std::string text, std::vector<std::string>* log)
+      : name(std::move(text)), out(log) {}
+  ~Named() { out->push_back("destroyed " + name); }
+  std::string name;
+  std::vector<std::string>* out;
+};
+
+}  // namespace
+
+TEST_CASE("local state is one object per reactor shared by its connections and outlives on_close",
+          "[reactor][local]") {
+  std::vector<int> seen_at_close;
+  auto [a, peer_a] = test::socket_pair();
+  auto [b, peer_b] = test::socket_pair();
+  {
+    Loop loop;
+    Loop other;
+    CHECK(loop.find_local<Tally>() == nullptr);
+    Tally& tally = loop.local<Tally>();
+    CHECK(&loop.local<Tally>() == &tally);
+    CHECK(loop.find_local<Tally>() == &tally);
+    CHECK(&other.local<Tally>() != &tally);  // each reactor its own
+    reactor::adopt(loop, std::move(a), TallyUser{&seen_at_close});
+    reactor::adopt(loop, std::move(b), TallyUser{&seen_at_close});
+    REQUIRE(::write(peer_a.get(), "abc", 3) == 3);
+    REQUIRE(::write(peer_b.get(), "defgh", 5) == 5);
+    REQUIRE(test::run_until(loop, [&] { return tally.value == 8; }));
+    CHECK(other.local<Tally>().value == 0);
+  }  // the reactor aborts both connections; their on_close still finds the Tally
+  CHECK(seen_at_close == std::vector<int>{9, 10});
+}
+
+TEST_CASE("emplace_local constructs from arguments and replaces and destroys newest first",
+          "[reactor][local]") {
+  std::vector<std::string> log;
+  {
+    Loop loop;
+    loop.emplace_local<Named>("first", &log);
+    loop.emplace_local<Tally>(Tally{7});
+    CHECK(loop.find_local<Named>()->name == "first");
+    Named& second = loop.emplace_local<Named>("second", &log);
+    CHECK(log == std::vector<std::string>{"destroyed first"});
+    CHECK(loop.find_local<Named>() == &second);
+    CHECK(loop.local<Tally>().value == 7);
+  }
+  CHECK(log == std::vector<std::string>{"destroyed first", "destroyed second"});
 }

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <concepts>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -76,6 +77,12 @@ struct ShutdownReport {
 };
 
 namespace detail {
+
+// A distinct address per type: the key of Reactor::local<T>().
+template <class T>
+struct TypeKey {
+  static constexpr char id = 0;
+};
 
 // `start + delay`, saturated at the clock's range instead of overflowing, for delays of either
 // sign and any integer representation. The delay is first compared with the clock's range in its
@@ -168,6 +175,11 @@ class Reactor {
   // connection they try to adopt meanwhile is refused with operation_canceled.
   ~Reactor() {
     abort_connections();
+    while (!locals_.empty()) {  // after on_close, which may use them; newest first
+      const LocalSlot slot = locals_.back();
+      locals_.pop_back();
+      slot.destroy(slot.object);
+    }
     close_fds();
   }
 
@@ -247,6 +259,45 @@ class Reactor {
         !wakeup_pending_.exchange(true, std::memory_order_acq_rel)) {
       wake();
     }
+  }
+
+  // Per-loop state: one T per reactor, shared by everything that runs on it (the connections of
+  // every acceptor, timers, posted work), reached from a handler as conn.reactor().local<T>()
+  // instead of a pointer copied into each handler. local<T>() default-constructs it on first use;
+  // emplace_local<T>(args...) constructs it from arguments (or replaces it: references to the old
+  // one dangle), for types without a default constructor found by find_local<T>(). Both return a
+  // reference that stays valid until the reactor is destroyed, which destroys these objects after
+  // its connections' on_close (in reverse order of construction). With a ReactorPool each reactor
+  // has its own: thread-local state without locks (a scratch buffer, a cache, a chat room per
+  // thread). Lookup is a linear search over the types used, cheap for the few a program has.
+  // Throws what T's constructor throws, or std::bad_alloc. Loop thread only.
+  template <std::default_initializable T>
+  T& local() {
+    if (T* found = find_local<T>()) return *found;
+    return emplace_local<T>();
+  }
+  template <class T, class... Args>
+  T& emplace_local(Args&&... args) {
+    auto object = std::make_unique<T>(std::forward<Args>(args)...);
+    T& result = *object;
+    for (LocalSlot& slot : locals_) {
+      if (slot.key == &detail::TypeKey<T>::id) {  // replaced: references to the old one dangle
+        slot.destroy(std::exchange(slot.object, object.release()));
+        return result;
+      }
+    }
+    locals_.push_back({&detail::TypeKey<T>::id, object.get(),
+                       [](void* p) noexcept { delete static_cast<T*>(p); }});
+    object.release();  // after push_back, which may throw: then the unique_ptr frees it
+    return result;
+  }
+  // The T of local<T>(), or nullptr when none was made.
+  template <class T>
+  T* find_local() noexcept {
+    for (const LocalSlot& slot : locals_) {
+      if (slot.key == &detail::TypeKey<T>::id) return static_cast<T*>(slot.object);
+    }
+    return nullptr;
   }
 
   // Timers run on the loop thread, earliest first; ties run in scheduling order; never before
@@ -977,8 +1028,14 @@ class Reactor {
   int batch_index_ = -1;
   int batch_size_ = 0;
   Clock::time_point now_{};
-  bool inside_ = false;                // the owner thread is inside run(), run_once() or shutdown()
-  detail::Watcher* corked_ = nullptr;  // the connection whose coalesced output waits, if any
+  bool inside_ = false;  // the owner thread is inside run(), run_once() or shutdown()
+  struct LocalSlot {
+    const void* key;  // &detail::TypeKey<T>::id
+    void* object;     // the T
+    void (*destroy)(void*) noexcept;
+  };
+  std::vector<LocalSlot> locals_;        // local<T>()
+  detail::Watcher* corked_ = nullptr;    // the connection whose coalesced output waits, if any
   std::unique_ptr<char[]> cork_buffer_;  // its bytes: kCorkBytes
   std::size_t cork_size_ = 0;
   const char* cork_borrowed_ = nullptr;  // the corked bytes lie here (in read_buffer_), if set
