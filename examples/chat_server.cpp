@@ -36,18 +36,23 @@ struct Room {
   }
 };
 
+// The room is the reactor's: one per loop, reached from any connection (no pointer per handler).
+Room& room_of(auto& connection) {
+  return connection.reactor().template local<Room>();
+}
+
 struct Chatter {
-  Room* room;
   Handle self{};
   int number = 0;
   std::string line;
 
   void on_open(auto& connection) {
+    Room& room = room_of(connection);
     self = connection.handle();
-    number = room->next_number++;
-    room->members.push_back({self, number});
+    number = room.next_number++;
+    room.members.push_back({self, number});
     connection.send("welcome, you are #" + std::to_string(number) + "\n");
-    room->broadcast(self, "* #" + std::to_string(number) + " joined\n");
+    room.broadcast(self, "* #" + std::to_string(number) + " joined\n");
   }
 
   // Consumes complete lines; a partial line stays in the connection for the next call (the
@@ -67,16 +72,17 @@ struct Chatter {
       line += std::to_string(number);
       line += ": ";
       line += bytes.substr(consumed, end + 1 - consumed);
-      room->broadcast(self, line);
+      room_of(connection).broadcast(self, line);
       consumed = end + 1;
     }
     return consumed;
   }
 
-  void on_close(auto& /*connection*/, std::error_code reason) {
-    std::erase_if(room->members, [&](const Room::Member& m) { return m.handle == self; });
-    room->broadcast(self, "* #" + std::to_string(number) + " left" +
-                              (reason ? " (" + reason.message() + ")" : std::string()) + "\n");
+  void on_close(auto& connection, std::error_code reason) {
+    Room& room = room_of(connection);
+    std::erase_if(room.members, [&](const Room::Member& m) { return m.handle == self; });
+    room.broadcast(self, "* #" + std::to_string(number) + " left" +
+                             (reason ? " (" + reason.message() + ")" : std::string()) + "\n");
   }
 };
 
@@ -99,14 +105,13 @@ int main(int argc, char** argv) {
   }
   try {
     Loop loop;
-    Room room;
     reactor::ListenOptions options;
     options.connection.max_pending_input = kMaxLine;      // longest partial line
     options.connection.max_pending_output = 1024 * 1024;  // a slow reader is dropped here
     options.connection.idle_timeout = std::chrono::minutes(10);
     reactor::Acceptor<Chatter, Loop> acceptor(
-        loop, reactor::Endpoint::from_host_port(host, static_cast<std::uint16_t>(port)),
-        Chatter{&room, {}, 0, {}}, options);
+        loop, reactor::Endpoint::from_host_port(host, static_cast<std::uint16_t>(port)), Chatter{},
+        options);
     reactor::SignalSet signals(loop, {SIGINT, SIGTERM}, [&](int) { loop.stop(); });
     std::printf("listening on %s\n", acceptor.local_endpoint().to_string().c_str());
     std::fflush(stdout);
