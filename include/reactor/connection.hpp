@@ -147,35 +147,55 @@ class Connection final : private detail::OwnedWatcher {
   }
 
   // Sends bytes, in order with everything sent before. Inside the loop (any callback: on_data,
-  // on_drain, a timer, posted work) the bytes of the sends made to one connection in a row are
-  // written together, with one write, when the callbacks of the current loop step are done:
-  // a handler answering 16 pipelined requests with 16 sends makes one write. A send of at least
-  // kCoalesceLimit bytes is written at once instead (with the bytes coalesced before it, in one
-  // writev), so that large buffers are not copied. Outside the loop (before run(), between
-  // run_once() calls) bytes are written at once when nothing is queued. Whatever the kernel does
-  // not take is queued and written as the socket drains. While a transport's handshake runs, all
-  // is queued: it goes out once the handshake is done (on_handshake_failed reports its loss if
-  // it fails).
+  // on_drain, a timer, posted work) the sends made to one connection in a row are coalesced:
+  // held, and written together with one write when the callbacks of the current loop step are
+  // done, so a handler answering 16 pipelined requests with 16 sends makes one write. A
+  // connection is written at once until it first sends twice in one step (a handler that sends
+  // once per callback keeps a direct write, with no copy); from its second send in that step on,
+  // and in every later step, its sends below kCoalesceLimit bytes are held. A larger send goes out
+  // at once, together with what was held (one writev), so that large buffers are not copied.
+  // Outside the loop (before run(), between run_once() calls) bytes are written at once. Whatever
+  // the kernel does not take is queued and written as the socket drains. While a transport's
+  // handshake runs, all is queued: it goes out once the handshake is done (on_handshake_failed
+  // reports its loss if it fails). A handler with `static constexpr bool coalesce_sends = false;`
+  // never holds: each send is written at once.
   // Returns false when the bytes were not accepted: the connection is closed or closing, or this
   // send failed and closed it (on_close reports why: a write error, or Error::kOutputLimit when
   // pending output would pass max_pending_output; part of the bytes may have been written).
-  // Accepted bytes are delivered in order unless the connection later fails (a coalesced write
-  // can fail after the callback returned), which on_close then reports.
+  // Accepted bytes are delivered in order unless the connection later fails (the write of held
+  // bytes can fail after the callback returned), which on_close then reports. close() and
+  // shutdown() after sends in the same step wait for the held bytes; abort() and a handler that
+  // throws give them one write first.
   bool send(const void* data, std::size_t size) noexcept {
-    // The common case inline: a small send inside the loop, nothing queued.
-    if (kCoalesce && phase_ == Phase::kOpen && (flags_ & kUserCorked) == 0 && output_.empty() &&
-        size - 1 < kCoalesceLimit - 1 && loop_->inside()) [[likely]] {
-      if ((flags_ & kFlushPending) == 0) {
-        loop_->cork(*this);  // writes what another connection coalesced (it calls no handler)
-        flags_ |= kFlushPending;
+    const char* bytes = static_cast<const char*>(data);
+    // Nothing queued or held, and no reason to hold this (outside the loop, a large send, or the
+    // first send of this step by a connection that has never sent twice in one): written at once.
+    if (phase_ == Phase::kOpen && (flags_ & (kUserCorked | kFlushPending)) == 0 &&
+        output_.empty() &&
+        (!kCoalesce || (flags_ & (kSentInStep | kCoalesceHint)) == 0 || size >= kCoalesceLimit ||
+         !loop_->inside())) [[likely]] {
+      if constexpr (kCoalesce) flags_ |= kSentInStep;
+      while (size > 0) {
+        const ssize_t n = transport_.template send<Sys>(fd, bytes, size);
+        if (n >= 0) {
+          last_write_ = loop_->activity_now();  // send() may run outside the loop
+          bytes += n;
+          size -= static_cast<std::size_t>(n);
+          break;  // the kernel took what fits; the rest waits for EPOLLOUT
+        }
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+          if (!rearm_after_full_write()) return false;
+          break;
+        }
+        fail(transport_.error());
+        return false;
       }
-      // Held bytes count against max_pending_output as queued ones do; past it, write now.
-      if (loop_->cork_size() + size <= max_pending_output_ &&
-          loop_->cork_one(static_cast<const char*>(data), size)) {
-        return true;
-      }
+      if (size == 0) return true;
+      const iovec rest{const_cast<char*>(bytes), size};
+      return enqueue(&rest, 1, size, 0);  // the socket is full: the rest waits for EPOLLOUT
     }
-    const iovec piece{const_cast<void*>(data), size};
+    const iovec piece{const_cast<char*>(bytes), size};
     return send_pieces(&piece, 1, size);
   }
 
@@ -208,7 +228,13 @@ class Connection final : private detail::OwnedWatcher {
   // callbacks (inside them, sends coalesce by themselves); pending_output_bytes() counts what is
   // held. Not nestable: one uncork() ends any number of cork()s.
   void cork() noexcept {
-    if (phase_ == Phase::kOpen) flags_ |= kUserCorked;
+    if (phase_ != Phase::kOpen) return;
+    if ((flags_ & kFlushPending) != 0) {  // what the loop holds goes first: out (or queued) now
+      loop_->uncork(*this);
+      flush_coalesced();
+      if (phase_ != Phase::kOpen) return;
+    }
+    flags_ |= kUserCorked;
   }
   void uncork() noexcept { release_cork(); }
 
@@ -378,6 +404,8 @@ class Connection final : private detail::OwnedWatcher {
     kNeverOpened = 1 << 10,     // the handshake never finished: on_handshake_failed, not on_close
     kFlushPending = 1 << 11,    // output_ holds bytes coalesced in this loop step (the loop's cork)
     kUserCorked = 1 << 12,      // cork(): output waits for uncork()
+    kSentInStep = 1 << 13,      // a send was written in this step of the loop
+    kCoalesceHint = 1 << 14,    // this connection once sent twice in a step: hold from the first
   };
 
   Connection(R& loop, int socket, Handler&& handler, const ConnectionOptions& options,
@@ -509,7 +537,9 @@ class Connection final : private detail::OwnedWatcher {
       if (reading_enabled()) read_some(true);
       if (fd < 0) return;
     }
-    if ((events & (EPOLLOUT | EPOLLHUP | EPOLLERR)) != 0 && !output_.empty()) {
+    // Held by cork(): edge mode still reports EPOLLOUT; a hang-up or error ends the hold.
+    if ((events & (EPOLLOUT | EPOLLHUP | EPOLLERR)) != 0 && !output_.empty() &&
+        ((flags_ & kUserCorked) == 0 || (events & (EPOLLHUP | EPOLLERR)) != 0)) {
       flush();
       if (fd < 0) return;
     }
@@ -759,13 +789,18 @@ class Connection final : private detail::OwnedWatcher {
     // Held by cork(), or behind bytes that wait for EPOLLOUT: queued after them. (While bytes are
     // coalesced, output_ is empty.)
     if ((flags_ & kUserCorked) != 0 || !output_.empty()) return enqueue(pieces, count, total, 0);
-    if (kCoalesce && loop_->inside()) {
+    if (kCoalesce && total < kCoalesceLimit && loop_->inside()) {
       if ((flags_ & kFlushPending) == 0) {
-        loop_->cork(*this);  // writes what another connection coalesced (it calls no handler)
-        flags_ |= kFlushPending;
+        if ((flags_ & (kSentInStep | kCoalesceHint)) == 0) {
+          flags_ |= kSentInStep;  // the first send of the step goes out at once
+          return write_now(pieces, count, total);
+        }
+        // A second send in one step: hold, and from now on hold from the first.
+        loop_->cork(*this);  // writes what another connection held (it calls no handler)
+        flags_ |= kFlushPending | kCoalesceHint;
       }
-      if (total < kCoalesceLimit && total <= loop_->cork_room() &&
-          loop_->cork_size() + total <= max_pending_output_) {
+      // Held bytes count against max_pending_output as queued ones do; past it, write now.
+      if (total <= loop_->cork_room() && loop_->cork_size() + total <= max_pending_output_) {
         loop_->cork_append(pieces, count);
         return true;
       }
@@ -857,7 +892,9 @@ class Connection final : private detail::OwnedWatcher {
   // The end of this connection's own callbacks: what they sent it goes out now, without waiting
   // for the loop's flush_corked() (one indirect call less per event).
   void flush_own_coalesced() noexcept {
-    if (!kCoalesce || (flags_ & kFlushPending) == 0) return;
+    if constexpr (!kCoalesce) return;
+    flags_ &= ~kSentInStep;
+    if ((flags_ & kFlushPending) == 0) return;
     loop_->uncork(*this);
     if (fd >= 0) flush_coalesced();
   }
