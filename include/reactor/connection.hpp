@@ -1254,6 +1254,8 @@ class Connection final : private detail::OwnedWatcher {
     if (phase_ == Phase::kHandshake) return;  // handshake_done() serves it out once it is done
     if (phase_ >= Phase::kClosing || (flags_ & kDraining) != 0) return;
     flags_ |= kDraining;
+    release_cork();  // serving out includes what cork() held (its on_drain may act here)
+    if (phase_ >= Phase::kClosing) return;
     if constexpr (HasOnShutdown<Handler, Connection>) {
       guarded([this] { handler_.on_shutdown(*this); });
     } else {

@@ -536,6 +536,7 @@ class Reactor {
     finalize_closed();
     if (!fd_waiters_.empty() && (fds_freed_ || fd_waiters_due())) {
       run_fd_waiters();
+      if (corked_ != nullptr) flush_corked();  // what on_open sent
       finalize_closed();
     }
     deferred_ = static_cast<std::uint8_t>((ready_.empty() ? 0 : kReadyWork) |

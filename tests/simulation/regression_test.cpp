@@ -668,3 +668,70 @@ TEST_CASE("a paused connection whose EPOLL_CTL_DEL fails on EPOLLHUP closes inst
   CHECK(log.reason == std::error_code(ENOMEM, std::system_category()));
   CHECK(log.input.empty());
 }
+
+namespace {
+
+// Sends its greeting in two pieces from on_open, then reads nothing of interest.
+template <class Loop>
+struct Greeter {
+  void on_open(auto& c) {
+    c.send("hel");
+    c.send("lo\n");
+  }
+  void on_data(auto&, std::string_view) {}
+};
+
+}  // namespace
+
+// Guards: a connection accepted by the retry after EMFILE (run_fd_waiters, at the end of the loop
+// step) gets what its on_open sent, all of it. The second send was held for the end of the step
+// and nothing wrote it there: the peer got "hel", then nothing until some other event.
+TEMPLATE_TEST_CASE("on_open sends of a connection accepted after EMFILE are written at once",
+                   "[regression][simulation][coalescing]", reactor::LevelTriggered,
+                   reactor::EdgeTriggered) {
+  using Loop = SimLoop<TestType>;
+  sim::Kernel kernel;
+  Loop loop;
+  reactor::Acceptor<Greeter<Loop>, Loop> acceptor(loop, reactor::Endpoint::parse("127.0.0.1:7000"),
+                                                  Greeter<Loop>{});
+  bool refused = false;
+  kernel.set_faults([&](sim::Op op, int) {
+    if (op != sim::Op::kAccept4 || refused) return sim::Fault{};
+    refused = true;
+    return sim::Fault{EMFILE};
+  });
+  const sim::PeerId peer = *kernel.connect(7000);
+  std::string received;
+  for (int i = 0; i < 20 && received.size() < 6; ++i) {
+    loop.run_once(-1ms);
+    kernel.peer_recv(peer, received);
+  }
+  CHECK(refused);
+  CHECK(received == "hello\n");
+}
+
+// Guards: a graceful shutdown serves out what cork() held. The cork was never released, so the
+// connection never looked quiet and was aborted at the deadline with its bytes.
+TEMPLATE_TEST_CASE("a graceful shutdown writes what cork held",
+                   "[regression][simulation][coalescing]", reactor::LevelTriggered,
+                   reactor::EdgeTriggered) {
+  using Loop = SimLoop<TestType>;
+  sim::Kernel kernel;
+  ProbeLog<Loop> log;
+  Loop loop;
+  reactor::Acceptor<Probe<Loop>, Loop> acceptor(loop, reactor::Endpoint::parse("127.0.0.1:7000"),
+                                                Probe<Loop>{&log});
+  const sim::PeerId peer = *kernel.connect(7000);
+  REQUIRE(run_sim_until(
+      loop, [&] { return log.connection != nullptr; }, 10));
+  log.connection->cork();
+  CHECK(log.connection->send("held-by-cork"));
+  const reactor::ShutdownReport report = loop.shutdown(1000ms);
+  std::string received;
+  kernel.peer_recv(peer, received);
+  CHECK(received == "held-by-cork");
+  CHECK(report.flushed == 1);
+  CHECK(report.aborted == 0);
+  CHECK(log.closes == 1);
+  CHECK_FALSE(log.reason);
+}
