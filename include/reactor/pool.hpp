@@ -37,6 +37,7 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <latch>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -145,10 +146,14 @@ class ReactorPool {
     error_ = {};
     error_call_ = "epoll_wait";
     std::vector<std::thread> threads;
+    std::latch started(static_cast<std::ptrdiff_t>(reactors_.size() - 1));
     try {
       threads.reserve(reactors_.size() - 1);
       for (std::size_t i = 1; i < reactors_.size(); ++i) {
-        threads.emplace_back([this, i] { run_one(i); });
+        threads.emplace_back([this, i, &started] {
+          started.count_down();
+          run_one(i);
+        });
       }
     } catch (...) {
       stop();
@@ -156,6 +161,9 @@ class ReactorPool {
       clear_stops();
       throw;
     }
+    // Every thread runs before reactor 0 serves: a thread's start, which needs memory (and, under
+    // UBSan's vptr check, a pipe), never competes for fds with the connections reactor 0 accepts.
+    started.wait();
     run_one(0);
     for (auto& thread : threads) thread.join();
     // Reactors that had returned by themselves were stopped again by the others: forget that,
