@@ -150,10 +150,10 @@ class Connection final : private detail::OwnedWatcher {
   // on_drain, a timer, posted work) the sends made to one connection in a row are coalesced:
   // held, and written together with one write when the callbacks of the current loop step are
   // done, so a handler answering 16 pipelined requests with 16 sends makes one write. A
-  // connection is written at once until it first sends twice in one step (a handler that sends
-  // once per callback keeps a direct write, with no copy); from its second send in that step on,
-  // and in every later step, its sends below kCoalesceLimit bytes are held. A larger send goes out
-  // at once, together with what was held (one writev), so that large buffers are not copied.
+  // loop writes sends at once until one of its connections first sends twice in one step (a
+  // handler that sends once per callback keeps a direct write, with no copy); from that second
+  // send on, every send below kCoalesceLimit bytes made inside the loop is held. A larger send goes
+  // out at once, together with what was held (one writev), so that large buffers are not copied.
   // Outside the loop (before run(), between run_once() calls) bytes are written at once. Whatever
   // the kernel does not take is queued and written as the socket drains. While a transport's
   // handshake runs, all is queued: it goes out once the handshake is done (on_handshake_failed
@@ -169,11 +169,12 @@ class Connection final : private detail::OwnedWatcher {
   bool send(const void* data, std::size_t size) noexcept {
     const char* bytes = static_cast<const char*>(data);
     // Nothing queued or held, and no reason to hold this (outside the loop, a large send, or the
-    // first send of this step by a connection that has never sent twice in one): written at once.
+    // first send of this step on a loop where no connection has sent twice in one): written at
+    // once.
     if (phase_ == Phase::kOpen && (flags_ & (kUserCorked | kFlushPending)) == 0 &&
         output_.empty() &&
-        (!kCoalesce || (flags_ & (kSentInStep | kCoalesceHint)) == 0 || size >= kCoalesceLimit ||
-         !loop_->inside())) [[likely]] {
+        (!kCoalesce || ((flags_ & kSentInStep) == 0 && !loop_->holds_sends()) ||
+         size >= kCoalesceLimit || !loop_->inside())) [[likely]] {
       if constexpr (kCoalesce) flags_ |= kSentInStep;
       while (size > 0) {
         const ssize_t n = transport_.template send<Sys>(fd, bytes, size);
@@ -405,7 +406,6 @@ class Connection final : private detail::OwnedWatcher {
     kFlushPending = 1 << 11,    // output_ holds bytes coalesced in this loop step (the loop's cork)
     kUserCorked = 1 << 12,      // cork(): output waits for uncork()
     kSentInStep = 1 << 13,      // a send was written in this step of the loop
-    kCoalesceHint = 1 << 14,    // this connection once sent twice in a step: hold from the first
   };
 
   Connection(R& loop, int socket, Handler&& handler, const ConnectionOptions& options,
@@ -791,13 +791,15 @@ class Connection final : private detail::OwnedWatcher {
     if ((flags_ & kUserCorked) != 0 || !output_.empty()) return enqueue(pieces, count, total, 0);
     if (kCoalesce && total < kCoalesceLimit && loop_->inside()) {
       if ((flags_ & kFlushPending) == 0) {
-        if ((flags_ & (kSentInStep | kCoalesceHint)) == 0) {
+        if ((flags_ & kSentInStep) == 0 && !loop_->holds_sends()) {
           flags_ |= kSentInStep;  // the first send of the step goes out at once
           return write_now(pieces, count, total);
         }
-        // A second send in one step: hold, and from now on hold from the first.
+        // A second send in one step: hold, and from now on (every connection of this loop) hold
+        // from the first.
         loop_->cork(*this);  // writes what another connection held (it calls no handler)
-        flags_ |= kFlushPending | kCoalesceHint;
+        loop_->learn_to_hold_sends();
+        flags_ |= kFlushPending;
       }
       // Held bytes count against max_pending_output as queued ones do; past it, write now.
       if (total <= loop_->cork_room() && loop_->cork_size() + total <= max_pending_output_) {

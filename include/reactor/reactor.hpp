@@ -916,6 +916,10 @@ class Reactor {
   }
   // True while the owner thread runs the loop (callbacks included): sends coalesce.
   bool inside() const noexcept { return inside_; }
+  // Whether a connection of this loop has sent twice in one step: from then on every small send
+  // inside the loop is held from the first (before, the first of a step is written at once).
+  bool holds_sends() const noexcept { return holds_sends_; }
+  void learn_to_hold_sends() noexcept { holds_sends_ = true; }
   // The corked connection's bytes. A first send of bytes that lie in the read buffer (on_data's,
   // echoed or forwarded) is only pointed at, not copied: nothing writes there before the next
   // read, and read_buffer() copies them out first.
@@ -1039,6 +1043,7 @@ class Reactor {
   detail::Watcher* corked_ = nullptr;    // the connection whose coalesced output waits, if any
   std::unique_ptr<char[]> cork_buffer_;  // its bytes: kCorkBytes
   std::size_t cork_size_ = 0;
+  bool holds_sends_ = false;             // holds_sends()
   const char* cork_borrowed_ = nullptr;  // the corked bytes lie here (in read_buffer_), if set
   std::atomic<bool> in_use_{false};      // some thread is inside run(), run_once() or shutdown()
   std::unique_ptr<char[]> read_buffer_;
