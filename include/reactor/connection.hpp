@@ -173,9 +173,9 @@ class Connection final : private detail::OwnedWatcher {
     // once.
     if (phase_ == Phase::kOpen && (flags_ & (kUserCorked | kFlushPending)) == 0 &&
         output_.empty() &&
-        (!kCoalesce || ((flags_ & kSentInStep) == 0 && !loop_->holds_sends()) ||
+        (!kCoalesce || (!loop_->sent_in_step(*this) && !loop_->holds_sends()) ||
          size >= kCoalesceLimit || !loop_->inside())) [[likely]] {
-      if constexpr (kCoalesce) flags_ |= kSentInStep;
+      if constexpr (kCoalesce) loop_->mark_sent(*this);
       while (size > 0) {
         const ssize_t n = transport_.template send<Sys>(fd, bytes, size);
         if (n >= 0) {
@@ -236,6 +236,7 @@ class Connection final : private detail::OwnedWatcher {
       if (phase_ != Phase::kOpen) return;
     }
     flags_ |= kUserCorked;
+    update_interest();  // level mode: no EPOLLOUT for held output (it would fire on every wait)
   }
   void uncork() noexcept { release_cork(); }
 
@@ -405,7 +406,6 @@ class Connection final : private detail::OwnedWatcher {
     kNeverOpened = 1 << 10,     // the handshake never finished: on_handshake_failed, not on_close
     kFlushPending = 1 << 11,    // output_ holds bytes coalesced in this loop step (the loop's cork)
     kUserCorked = 1 << 12,      // cork(): output waits for uncork()
-    kSentInStep = 1 << 13,      // a send was written in this step of the loop
   };
 
   Connection(R& loop, int socket, Handler&& handler, const ConnectionOptions& options,
@@ -791,8 +791,8 @@ class Connection final : private detail::OwnedWatcher {
     if ((flags_ & kUserCorked) != 0 || !output_.empty()) return enqueue(pieces, count, total, 0);
     if (kCoalesce && total < kCoalesceLimit && loop_->inside()) {
       if ((flags_ & kFlushPending) == 0) {
-        if ((flags_ & kSentInStep) == 0 && !loop_->holds_sends()) {
-          flags_ |= kSentInStep;  // the first send of the step goes out at once
+        if (!loop_->sent_in_step(*this) && !loop_->holds_sends()) {
+          loop_->mark_sent(*this);  // the first send of the step goes out at once
           return write_now(pieces, count, total);
         }
         // A second send in one step: hold, and from now on (every connection of this loop) hold
@@ -816,7 +816,7 @@ class Connection final : private detail::OwnedWatcher {
     iovec vectors[kMaxGather + 1];
     int vector_count = 0;
     std::size_t corked = 0;
-    const bool held = (flags_ & kFlushPending) != 0;
+    const bool held = (flags_ & kFlushPending) != 0;  // the loop's cork buffer is this one's
     if (held) {
       flags_ &= ~kFlushPending;
       loop_->uncork(*this);
@@ -832,29 +832,25 @@ class Connection final : private detail::OwnedWatcher {
                                               vectors[0].iov_len)
               : transport_.template sendv<Sys>(fd, vectors, vector_count);
     } while (n < 0 && errno == EINTR);
+    // Emptied, not overwritten: the held bytes stay readable through `vectors` for enqueue below
+    // (nothing between here and there holds bytes for another connection).
+    if (held) loop_->reset_cork();
     if (n < 0) {
       if (errno != EAGAIN && errno != EWOULDBLOCK) {
-        loop_->reset_cork();
         fail(transport_.error());
         return false;
       }
-      if (!rearm_after_full_write()) {
-        loop_->reset_cork();
-        return false;
-      }
+      if (!rearm_after_full_write()) return false;
       n = 0;
     } else {
       last_write_ = loop_->activity_now();  // send() may run outside the loop
     }
     if (static_cast<std::size_t>(n) == corked + total) {
-      loop_->reset_cork();
       if (held) update_interest();  // skipped while bytes were held (pause_reading(), say)
       return true;
     }
     // The socket is full: the rest waits for EPOLLOUT.
-    const bool queued = enqueue(vectors, vector_count, corked + total, static_cast<std::size_t>(n));
-    loop_->reset_cork();
-    return queued;
+    return enqueue(vectors, vector_count, corked + total, static_cast<std::size_t>(n));
   }
 
   // The end of a loop step (kFlush): writes the coalesced bytes; what the kernel does not take
@@ -894,9 +890,7 @@ class Connection final : private detail::OwnedWatcher {
   // The end of this connection's own callbacks: what they sent it goes out now, without waiting
   // for the loop's flush_corked() (one indirect call less per event).
   void flush_own_coalesced() noexcept {
-    if constexpr (!kCoalesce) return;
-    flags_ &= ~kSentInStep;
-    if ((flags_ & kFlushPending) == 0) return;
+    if (!kCoalesce || (flags_ & kFlushPending) == 0) return;
     loop_->uncork(*this);
     if (fd >= 0) flush_coalesced();
   }
@@ -947,7 +941,9 @@ class Connection final : private detail::OwnedWatcher {
   void release_cork() noexcept {
     if ((flags_ & kUserCorked) == 0) return;
     flags_ &= ~kUserCorked;
-    if (fd >= 0 && !output_.empty()) flush();
+    if (fd < 0 || output_.empty()) return;
+    last_write_ = loop_->activity_now();  // the write timeout did not count while corked
+    flush();
   }
 
   void flush() noexcept {
@@ -1204,7 +1200,7 @@ class Connection final : private detail::OwnedWatcher {
     const Clock::time_point now = loop_->cached_now();
     const auto timed_out = std::make_error_code(std::errc::timed_out);
     auto next = Clock::time_point::max();
-    if (write_timeout_ms_ != 0 && !output_.empty()) {
+    if (write_timeout_ms_ != 0 && !output_.empty() && (flags_ & kUserCorked) == 0) {
       const auto due = last_write_ + std::chrono::milliseconds(write_timeout_ms_);
       if (due <= now) return fail(timed_out);
       next = std::min(next, due);

@@ -532,11 +532,11 @@ class Reactor {
     if ((deferred_ & kReadyWork) != 0) run_ready();
     if ((deferred_ & kTimerWork) != 0) run_timers();
     if ((deferred_ & kPostedWork) != 0) run_posted();
-    if (corked_ != nullptr) flush_corked();
+    end_step();
     finalize_closed();
     if (!fd_waiters_.empty() && (fds_freed_ || fd_waiters_due())) {
       run_fd_waiters();
-      if (corked_ != nullptr) flush_corked();  // what on_open sent
+      end_step();  // what on_open sent
       finalize_closed();
     }
     deferred_ = static_cast<std::uint8_t>((ready_.empty() ? 0 : kReadyWork) |
@@ -562,6 +562,7 @@ class Reactor {
       frame_ = {&loop, detail::running_reactors};
       detail::running_reactors = &frame_;
       loop.inside_ = true;
+      loop.sent_in_step_ = nullptr;  // sends made outside the loop are no step's
       active_ = true;
     }
     RunScope(const RunScope&) = delete;
@@ -645,7 +646,7 @@ class Reactor {
     for (auto* node = pending.pop_front(); node != nullptr; node = pending.pop_front()) {
       connections_.push_back(*node);
       if (node->fd >= 0) node->function(*node, op, 0, nullptr);
-      if (corked_ != nullptr) flush_corked();  // what on_shutdown sent
+      end_step();  // what on_shutdown sent
     }
   }
 
@@ -718,7 +719,7 @@ class Reactor {
       // this connection, say): deliver only what the watcher still asks for.
       const std::uint32_t events = event.events & (watcher->interest | EPOLLERR | EPOLLHUP);
       if (events != 0) watcher->function(*watcher, detail::WatcherOp::kEvent, events, nullptr);
-      if (corked_ != nullptr) flush_corked();  // what the handler sent, before the next read
+      end_step();  // what the handler sent, before the next read
     }
     batch_index_ = -1;
     batch_size_ = 0;
@@ -741,7 +742,7 @@ class Reactor {
     batch.splice_back(ready_);
     for (auto* node = batch.pop_front(); node != nullptr; node = batch.pop_front()) {
       if (node->fd >= 0) node->function(*node, detail::WatcherOp::kResume, 0, nullptr);
-      if (corked_ != nullptr) flush_corked();
+      end_step();
     }
   }
 
@@ -888,7 +889,7 @@ class Reactor {
       connection_count_.store(connection_count_.load(std::memory_order_relaxed) - 1,
                               std::memory_order_relaxed);
       node->function(*node, detail::WatcherOp::kFinalize, 0, nullptr);
-      if (corked_ != nullptr) flush_corked();  // what on_close sent to other connections
+      end_step();  // what on_close sent to other connections
     }
   }
 
@@ -897,7 +898,7 @@ class Reactor {
   // when the callbacks of this step are done. A send to another connection first writes the one
   // held before, so sends to one connection in a row leave in one write, and one buffer serves
   // the loop. Every step of the loop (the events, the ready list, timers, posted work, on_close)
-  // ends with flush_corked().
+  // ends with end_step().
   void cork(detail::Watcher& watcher) noexcept {
     if (corked_ == &watcher) return;
     if (corked_ != nullptr) flush_corked();
@@ -920,6 +921,16 @@ class Reactor {
   // inside the loop is held from the first (before, the first of a step is written at once).
   bool holds_sends() const noexcept { return holds_sends_; }
   void learn_to_hold_sends() noexcept { holds_sends_ = true; }
+  // The connection whose send was written at once in this step (a second one in the step is
+  // what teaches the loop to hold); every step ends with end_step().
+  bool sent_in_step(const detail::Watcher& watcher) const noexcept {
+    return sent_in_step_ == &watcher;
+  }
+  void mark_sent(detail::Watcher& watcher) noexcept { sent_in_step_ = &watcher; }
+  void end_step() noexcept {
+    sent_in_step_ = nullptr;
+    if (corked_ != nullptr) flush_corked();
+  }
   // The corked connection's bytes. A first send of bytes that lie in the read buffer (on_data's,
   // echoed or forwarded) is only pointed at, not copied: nothing writes there before the next
   // read, and read_buffer() copies them out first.
@@ -944,24 +955,6 @@ class Reactor {
       std::memcpy(cork_buffer_.get() + cork_size_, pieces[i].iov_base, pieces[i].iov_len);
       cork_size_ += pieces[i].iov_len;
     }
-  }
-  // cork_append for one piece (size < kCorkBytes); false when it does not fit.
-  bool cork_one(const char* bytes, std::size_t size) noexcept {
-    if (cork_size_ == 0) {
-      const char* buffer = read_buffer_.get();
-      if (bytes >= buffer && bytes + size <= buffer + options_.read_buffer_size) {
-        cork_borrowed_ = bytes;
-      } else {
-        std::memcpy(cork_buffer_.get(), bytes, size);
-      }
-      cork_size_ = size;
-      return true;
-    }
-    if (size > kCorkBytes - cork_size_) return false;
-    if (cork_borrowed_ != nullptr) own_cork();
-    std::memcpy(cork_buffer_.get() + cork_size_, bytes, size);
-    cork_size_ += size;
-    return true;
   }
   void reset_cork() noexcept {
     cork_size_ = 0;
@@ -1043,7 +1036,8 @@ class Reactor {
   detail::Watcher* corked_ = nullptr;    // the connection whose coalesced output waits, if any
   std::unique_ptr<char[]> cork_buffer_;  // its bytes: kCorkBytes
   std::size_t cork_size_ = 0;
-  bool holds_sends_ = false;             // holds_sends()
+  bool holds_sends_ = false;                       // holds_sends()
+  const detail::Watcher* sent_in_step_ = nullptr;  // sent_in_step()
   const char* cork_borrowed_ = nullptr;  // the corked bytes lie here (in read_buffer_), if set
   std::atomic<bool> in_use_{false};      // some thread is inside run(), run_once() or shutdown()
   std::unique_ptr<char[]> read_buffer_;

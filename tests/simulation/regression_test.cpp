@@ -14,6 +14,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <limits>
+#include <span>
 #include <string>
 #include <string_view>
 #include <system_error>
@@ -734,4 +735,110 @@ TEMPLATE_TEST_CASE("a graceful shutdown writes what cork held",
   CHECK(report.aborted == 0);
   CHECK(log.closes == 1);
   CHECK_FALSE(log.reason);
+}
+
+namespace {
+
+using SimFd = reactor::BasicUniqueFd<sim::SimSyscalls>;
+
+// A relays: each on_data sends `first` and `second` to itself, then `to_other` (a gather send) to
+// the other connection, or only forwards what it got to the other connection.
+template <class Loop>
+struct Relay;
+template <class Loop>
+using RelayConnection = reactor::Connection<Relay<Loop>, Loop>;
+template <class Loop>
+struct Relay {
+  RelayConnection<Loop>** other;
+  bool gather;
+  std::string* held_when_forwarded;
+  void on_data(RelayConnection<Loop>& c, std::string_view bytes) {
+    if (other == nullptr) return;
+    if (gather) {
+      c.send("x1");
+      c.send("x2");  // held in the loop's cork buffer
+      const std::string body(5000, 'B');
+      const std::string_view parts[] = {"hdr:", body};
+      (*other)->send(std::span<const std::string_view>(parts));  // >= 4 KiB: written at once
+    } else {
+      (*other)->send(bytes);
+      *held_when_forwarded += std::to_string((*other)->pending_output_bytes());
+    }
+  }
+};
+
+}  // namespace
+
+// Guards (review of the coalescing change): a gather send of 4 KiB or more to one connection,
+// written at once, emptied the loop's cork buffer, which held another connection's bytes: A's "x2"
+// was lost, silently.
+TEST_CASE("a large gather send to one connection keeps the bytes another connection holds",
+          "[regression][simulation][coalescing]") {
+  using Loop = SimLoop<reactor::LevelTriggered>;
+  sim::Kernel kernel;
+  Loop loop;
+  auto [fa, pa] = kernel.open_connected();
+  auto [fb, pb] = kernel.open_connected();
+  RelayConnection<Loop>* b = nullptr;
+  reactor::adopt(loop, SimFd(fa), Relay<Loop>{&b, true, nullptr});
+  b = &reactor::adopt(loop, SimFd(fb), Relay<Loop>{nullptr, false, nullptr});
+  CHECK(kernel.peer_send(pa, "go") == 2);
+  for (int i = 0; i < 3; ++i) loop.run_once(0ms);
+  std::string at_a;
+  std::string at_b;
+  kernel.peer_recv(pa, at_a);
+  kernel.peer_recv(pb, at_b);
+  CHECK(at_a == "x1x2");  // was "x1"
+  CHECK(at_b == "hdr:" + std::string(5000, 'B'));
+}
+
+// Guards (review): a connection that forwards one message per on_data to another never holds:
+// the "sent in this step" mark belonged to the receiving connection until its own event, so the
+// second forwarded message counted as a second send in one step and the loop learned to hold.
+TEST_CASE("forwarding one message per callback to another connection writes it at once",
+          "[regression][simulation][coalescing]") {
+  using Loop = SimLoop<reactor::LevelTriggered>;
+  sim::Kernel kernel;
+  Loop loop;
+  auto [fa, pa] = kernel.open_connected();
+  auto [fb, pb] = kernel.open_connected();
+  RelayConnection<Loop>* b = nullptr;
+  std::string held;
+  reactor::adopt(loop, SimFd(fa), Relay<Loop>{&b, false, &held});
+  b = &reactor::adopt(loop, SimFd(fb), Relay<Loop>{nullptr, false, nullptr});
+  for (int i = 0; i < 3; ++i) {
+    CHECK(kernel.peer_send(pa, "m") == 1);
+    loop.run_once(0ms);
+  }
+  CHECK(held == "000");  // was "011": held from the second message on
+  std::string at_b;
+  kernel.peer_recv(pb, at_b);
+  CHECK(at_b == "mmm");
+}
+
+// Guards (review): cork() with output already queued, level mode, left EPOLLOUT armed while the
+// EPOLLOUT flush skipped the corked output: every epoll_wait returned at once until uncork().
+TEST_CASE("cork with queued output does not keep a level-triggered loop awake",
+          "[regression][simulation][coalescing]") {
+  using Loop = SimLoop<reactor::LevelTriggered>;
+  sim::Kernel kernel(4096);
+  Loop loop;
+  auto [fa, pa] = kernel.open_connected();
+  ProbeLog<Loop> log;
+  auto& a = reactor::adopt(loop, SimFd(fa), Probe<Loop>{&log});
+  CHECK(a.send(std::string(10000, 'x')));  // outside the loop: 4096 written, the rest queued
+  CHECK(a.pending_output_bytes() == 10000 - 4096);
+  std::string got;
+  kernel.peer_recv(pa, got);  // the socket drains: writable
+  a.cork();
+  int busy = 0;
+  for (int i = 0; i < 20; ++i) busy += loop.run_once(10ms) > 0 ? 1 : 0;
+  CHECK(busy == 0);  // was 20
+  CHECK(a.pending_output_bytes() == 10000 - 4096);
+  a.uncork();
+  for (int i = 0; i < 10 && got.size() < 10000; ++i) {
+    kernel.peer_recv(pa, got);
+    loop.run_once(0ms);
+  }
+  CHECK(got == std::string(10000, 'x'));
 }
