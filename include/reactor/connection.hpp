@@ -229,13 +229,15 @@ class Connection final : private detail::OwnedWatcher {
   // callbacks (inside them, sends coalesce by themselves); pending_output_bytes() counts what is
   // held. Not nestable: one uncork() ends any number of cork()s.
   void cork() noexcept {
-    if (phase_ != Phase::kOpen) return;
+    // A graceful shutdown serves out: nothing may be held back from it.
+    if (phase_ != Phase::kOpen || (flags_ & kDraining) != 0) return;
     if ((flags_ & kFlushPending) != 0) {  // what the loop holds goes first: out (or queued) now
       loop_->uncork(*this);
       flush_coalesced();
       if (phase_ != Phase::kOpen) return;
     }
-    flags_ |= kUserCorked;
+    // Bytes the kernel was already refusing keep their write timeout; held ones have none.
+    flags_ |= kUserCorked | (output_.empty() ? kCorkedEmpty : Flag{});
     update_interest();  // level mode: no EPOLLOUT for held output (it would fire on every wait)
   }
   void uncork() noexcept { release_cork(); }
@@ -406,6 +408,7 @@ class Connection final : private detail::OwnedWatcher {
     kNeverOpened = 1 << 10,     // the handshake never finished: on_handshake_failed, not on_close
     kFlushPending = 1 << 11,    // output_ holds bytes coalesced in this loop step (the loop's cork)
     kUserCorked = 1 << 12,      // cork(): output waits for uncork()
+    kCorkedEmpty = 1 << 13,     // nothing was queued at cork(): no write timeout until uncork()
   };
 
   Connection(R& loop, int socket, Handler&& handler, const ConnectionOptions& options,
@@ -940,9 +943,10 @@ class Connection final : private detail::OwnedWatcher {
   // cork() ends (uncork(), close(), shutdown()): the held output is written.
   void release_cork() noexcept {
     if ((flags_ & kUserCorked) == 0) return;
-    flags_ &= ~kUserCorked;
+    const bool timed_from_here = (flags_ & kCorkedEmpty) != 0;
+    flags_ &= ~(kUserCorked | kCorkedEmpty);
     if (fd < 0 || output_.empty()) return;
-    last_write_ = loop_->activity_now();  // the write timeout did not count while corked
+    if (timed_from_here) last_write_ = loop_->activity_now();  // held, not refused, until now
     flush();
   }
 
@@ -1200,7 +1204,7 @@ class Connection final : private detail::OwnedWatcher {
     const Clock::time_point now = loop_->cached_now();
     const auto timed_out = std::make_error_code(std::errc::timed_out);
     auto next = Clock::time_point::max();
-    if (write_timeout_ms_ != 0 && !output_.empty() && (flags_ & kUserCorked) == 0) {
+    if (write_timeout_ms_ != 0 && !output_.empty() && (flags_ & kCorkedEmpty) == 0) {
       const auto due = last_write_ + std::chrono::milliseconds(write_timeout_ms_);
       if (due <= now) return fail(timed_out);
       next = std::min(next, due);
@@ -1278,7 +1282,7 @@ class Connection final : private detail::OwnedWatcher {
     loop_->deregister(*this);
     Sys::close(std::exchange(fd, -1));
     phase_ = Phase::kClosed;
-    flags_ &= ~(kFlushPending | kUserCorked);
+    flags_ &= ~(kFlushPending | kUserCorked | kCorkedEmpty);
     loop_->uncork(*this);
     output_.clear(loop_->chunk_pool());
     drop_input();

@@ -842,3 +842,32 @@ TEST_CASE("cork with queued output does not keep a level-triggered loop awake",
   }
   CHECK(got == std::string(10000, 'x'));
 }
+
+// Guards (second review): cork()/uncork() on a socket the peer stopped reading keeps the write
+// timeout. Each uncork restamped the timeout's clock, so a connection corking more often than
+// write_timeout never timed out. Bytes corked onto an empty queue still get no timeout while held.
+TEST_CASE("cork and uncork do not restart the write timeout of refused bytes",
+          "[regression][simulation][coalescing]") {
+  using Loop = SimLoop<reactor::LevelTriggered>;
+  sim::Kernel kernel(4096);
+  Loop loop;
+  auto [fa, pa] = kernel.open_connected();
+  ProbeLog<Loop> log;
+  reactor::ConnectionOptions options;
+  options.write_timeout = 1000ms;
+  options.linger_timeout = 0ms;
+  auto& a = reactor::adopt(loop, SimFd(fa), Probe<Loop>{&log}, options);
+  const Clock::time_point start = kernel.now();
+  CHECK(a.send(std::string(10000, 'x')));  // 4096 written, the rest queued; the peer never reads
+  for (int i = 0; i < 20 && log.closes == 0; ++i) {
+    kernel.advance(300ms);
+    loop.run_once(0ms);
+    if (log.closes != 0) break;
+    a.cork();
+    CHECK(a.send("tick"));
+    a.uncork();
+  }
+  CHECK(log.closes == 1);  // was 0: every uncork restarted the clock
+  CHECK(log.reason == std::errc::timed_out);
+  CHECK(ms_between(start, log.closed_at) <= 1500.0);
+}
