@@ -134,10 +134,15 @@ void run_for(Loop& loop, std::chrono::milliseconds window) {
 // so that a duplicated tail would show up too.
 template <class Loop>
 bool receive_all(Loop& loop, test::Peer& peer, std::size_t size) {
-  const bool done = test::run_until(loop, [&] {
-    peer.step();
-    return peer.received.size() >= size || peer.eof || peer.error != 0;
-  });
+  // A bound, not a wait: one byte per syscall under valgrind on a loaded 2-core machine took over
+  // the default 20 s (32 KiB at cap 1: ~3 s when the machine is quiet).
+  const bool done = test::run_until(
+      loop,
+      [&] {
+        peer.step();
+        return peer.received.size() >= size || peer.eof || peer.error != 0;
+      },
+      120s);
   for (int i = 0; i < 3; ++i) {
     loop.run_once(0ms);
     peer.step();
