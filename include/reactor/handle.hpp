@@ -6,7 +6,10 @@
 // Threading: every member is safe from any thread while the reactor exists. Inside the reactor's
 // run()/run_once()/shutdown() (its callbacks), send() sends directly; anywhere else — another
 // thread, or the creating thread while nobody runs the loop — it copies the bytes and post()s
-// them to whichever thread runs the loop next.
+// them to whichever thread runs the loop next. So outside the loop, bytes sent through a handle
+// arrive after anything sent on the Connection itself before the loop runs again: "a" on the
+// connection, "b" through its handle, "c" on the connection arrive as "acb". Keep to one of the
+// two for bytes whose order matters.
 #pragma once
 
 #include <cstdint>
