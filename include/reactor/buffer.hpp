@@ -1,8 +1,8 @@
 // Public: the byte storage behind a connection. OutputQueue holds bytes accepted by send() that
 // the kernel has not taken yet, as a list of chunks drawn from the reactor's ChunkPool: a 512-byte
-// one when a queue starts with a few bytes (the common case: a reply the socket had no room for),
-// 16 KiB ones for everything else; InputBuffer holds bytes a handler left unconsumed. Both
-// allocate only while they hold data, so an idle connection owns no buffer memory. Not
+// one when a queue starts with a few bytes (at most 496: the common case, a reply the socket had
+// no room for), 16 KiB ones for everything else; InputBuffer holds bytes a handler left unconsumed.
+// Both allocate only while they hold data, so an idle connection owns no buffer memory. Not
 // thread-safe: each belongs to one reactor thread.
 #pragma once
 
@@ -28,8 +28,8 @@ class ChunkPool {
   static constexpr std::size_t kChunkBytes = 16 * 1024;
   static constexpr std::size_t kSmallChunkBytes = 512;
 
-  // 16 bytes: offsets of 16 bits leave room for the capacity in the header a chunk had before it
-  // had a size class (so the big one still holds 16368 bytes).
+  // 16 bytes: 16-bit offsets leave room for the capacity (the size class, which release() needs)
+  // without growing the header, so a big chunk holds 16368 bytes and a small one 496.
   struct Chunk {
     Chunk* next;
     std::uint16_t begin;     // first unsent byte
