@@ -61,8 +61,10 @@ struct ReactorOptions {
   // comes back full.
   int initial_events = 64;
   int max_events = 4096;
-  // Free output chunks (16 KiB each) kept for reuse instead of returned to the heap.
+  // Free output chunks kept for reuse instead of returned to the heap: 16 KiB ones, and 512-byte
+  // ones (what a connection with a few pending bytes holds, see buffer.hpp).
   std::size_t cached_chunks = 64;
+  std::size_t cached_small_chunks = 256;
 };
 
 // What a graceful shutdown did with each connection open when it started (or opened during it):
@@ -148,7 +150,7 @@ class Reactor {
   // Creates the epoll set and the wakeup eventfd. Throws std::system_error naming what failed
   // ("epoll_create1", "eventfd", "epoll_ctl", or "reactor buffers" with not_enough_memory).
   explicit Reactor(const ReactorOptions& options = {})
-      : options_(options), chunk_pool_(options.cached_chunks) {
+      : options_(options), chunk_pool_(options.cached_chunks, options.cached_small_chunks) {
     const char* what = nullptr;
     if (const std::error_code ec = open(what)) {
       close_fds();
@@ -158,7 +160,7 @@ class Reactor {
 
   // As above, reporting failure through `ec`; a reactor that failed to open must only be destroyed.
   Reactor(const ReactorOptions& options, std::error_code& ec) noexcept
-      : options_(options), chunk_pool_(options.cached_chunks) {
+      : options_(options), chunk_pool_(options.cached_chunks, options.cached_small_chunks) {
     const char* what = nullptr;
     ec = open(what);
   }

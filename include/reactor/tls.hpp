@@ -477,8 +477,10 @@ class TlsTransport {
 
   // write_all: `done` bytes went out before this buffer; returns them plus what of it went out,
   // or -1 (errno EAGAIN when nothing did and the socket is full; another error after failed()).
-  // Pieces are at most one output-queue buffer long: a record the socket had no room for must be
-  // offered again whole, and the queue (buffer.hpp) offers at most that much in its first iovec.
+  // Pieces are at most one big output-queue chunk long (ChunkPool::kChunkCapacity): a record the
+  // socket had no room for must be offered again whole, so its bytes must land in one chunk when
+  // queued. A queued buffer is one chunk already; a direct write's rest starts an empty queue, and
+  // such an append goes whole into a small chunk or else begins a big one (buffer.hpp).
   ssize_t write_all(const char* data, std::size_t size, ssize_t done) noexcept {
     std::size_t sent = 0;
     while (sent < size) {

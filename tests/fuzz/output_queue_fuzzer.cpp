@@ -2,7 +2,7 @@
 // input is a list of operations — append, gather, consume, clear, and "the next N allocations
 // fail" — applied to both; after each, the queue's size and the bytes gather() reports must
 // equal the model's, a failed append must leave the queue as it was, and the pool must never
-// cache more than its limit. Leaks are ASan's (LeakSanitizer) to find.
+// cache more than its limits (big and small chunks). Leaks are ASan's (LeakSanitizer) to find.
 #include <sys/uio.h>
 
 #include <reactor/buffer.hpp>
@@ -71,7 +71,9 @@ void check_queue(const reactor::OutputQueue& queue, const std::string& model, in
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   fuzz::FuzzInput input(data, size);
   const std::size_t max_cached = input.below(8);
-  reactor::ChunkPool pool(max_cached);
+  // Derived, not read, so that the corpus keeps its meaning; still every bound from 0 to 7.
+  const std::size_t max_cached_small = 7 - max_cached;
+  reactor::ChunkPool pool(max_cached, max_cached_small);
   reactor::OutputQueue queue;
   std::string model;
   reactor::InputBuffer in;
@@ -82,9 +84,12 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   for (int steps = 0; !input.empty() && steps < 4096; ++steps) {
     switch (input.below(8)) {
       case 0:
-      case 1: {  // append up to ~3 chunks' worth, sometimes exactly a chunk's capacity
+      case 1: {  // append up to ~3 chunks' worth, sometimes exactly a chunk's capacity, sometimes
+                 // at most what a small chunk holds
         std::size_t n = input.below(3 * reactor::ChunkPool::kChunkCapacity + 1);
-        if (input.below(8) == 0) n = reactor::ChunkPool::kChunkCapacity;
+        const std::size_t shape = input.below(8);
+        if (shape == 0) n = reactor::ChunkPool::kChunkCapacity;
+        if (shape == 1) n = n % (reactor::ChunkPool::kSmallChunkCapacity + 1);
         const std::string bytes = bytes_for(n, ++salt);
         const bool fails = failing_allocations > 0;
         const bool ok = queue.append(pool, bytes.data(), bytes.size());
@@ -131,6 +136,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     }
     FUZZ_CHECK(queue.size() == model.size());
     FUZZ_CHECK(pool.cached_chunks() <= max_cached);
+    FUZZ_CHECK(pool.cached_small_chunks() <= max_cached_small);
     FUZZ_CHECK(in.size() == in_model.size());
     FUZZ_CHECK(in.empty() == in_model.empty());
     FUZZ_CHECK(in_model.empty() || in_model.compare(0, in_model.size(), in.data(), in.size()) == 0);
