@@ -218,7 +218,7 @@ class Connection final : private detail::OwnedWatcher {
       }
       if (!send_pieces(pieces, count, total)) return false;
     }
-    return phase_ == Phase::kOpen || handshaking() || buffers.empty();
+    return phase_ == Phase::kOpen || handshaking();
   }
   bool send(std::initializer_list<std::string_view> buffers) noexcept {
     return send(std::span<const std::string_view>(buffers.begin(), buffers.size()));
@@ -227,7 +227,10 @@ class Connection final : private detail::OwnedWatcher {
   // Holds output back: sends only queue it until uncork() (or close()/shutdown(), which uncork),
   // which writes it with as few writes as the kernel allows. For code outside the loop's
   // callbacks (inside them, sends coalesce by themselves); pending_output_bytes() counts what is
-  // held. Not nestable: one uncork() ends any number of cork()s.
+  // held. Output the kernel was already refusing at cork() keeps going out as the socket drains
+  // (with what was sent after it, in the same writes) and keeps its write timeout; once it is
+  // out, sends are held. Not nestable: one uncork() ends any number of cork()s. Does nothing on
+  // a connection that is not open or during a graceful shutdown, which serves out at once.
   void cork() noexcept {
     // A graceful shutdown serves out: nothing may be held back from it.
     if (phase_ != Phase::kOpen || (flags_ & kDraining) != 0) return;
@@ -408,7 +411,8 @@ class Connection final : private detail::OwnedWatcher {
     kNeverOpened = 1 << 10,     // the handshake never finished: on_handshake_failed, not on_close
     kFlushPending = 1 << 11,    // output_ holds bytes coalesced in this loop step (the loop's cork)
     kUserCorked = 1 << 12,      // cork(): output waits for uncork()
-    kCorkedEmpty = 1 << 13,     // nothing was queued at cork(): no write timeout until uncork()
+    kCorkedEmpty = 1 << 13,     // corked with nothing refused queued (at cork(), or drained
+                                // since): output waits for uncork(), with no write timeout
   };
 
   Connection(R& loop, int socket, Handler&& handler, const ConnectionOptions& options,
@@ -542,7 +546,7 @@ class Connection final : private detail::OwnedWatcher {
     }
     // Held by cork(): edge mode still reports EPOLLOUT; a hang-up or error ends the hold.
     if ((events & (EPOLLOUT | EPOLLHUP | EPOLLERR)) != 0 && !output_.empty() &&
-        ((flags_ & kUserCorked) == 0 || (events & (EPOLLHUP | EPOLLERR)) != 0)) {
+        ((flags_ & kCorkedEmpty) == 0 || (events & (EPOLLHUP | EPOLLERR)) != 0)) {
       flush();
       if (fd < 0) return;
     }
@@ -968,7 +972,8 @@ class Connection final : private detail::OwnedWatcher {
         return;
       }
       output_.consume(pool, static_cast<std::size_t>(n));
-      last_write_ = loop_->cached_now();
+      // The clock outside the loop: uncork(), close() and shutdown() flush from anywhere.
+      last_write_ = loop_->activity_now();
       if (static_cast<std::size_t>(n) < wanted) break;  // socket buffer full
     }
     output_drained();
@@ -989,6 +994,8 @@ class Connection final : private detail::OwnedWatcher {
         finish_close(false);
         return;
       }
+      // What cork() found queued is out: from here on it holds what is sent.
+      if ((flags_ & kUserCorked) != 0) flags_ |= kCorkedEmpty;
       if (phase_ == Phase::kShutdown) {
         send_fin();
         return;
@@ -1029,8 +1036,10 @@ class Connection final : private detail::OwnedWatcher {
       return;
     }
     phase_ = Phase::kLingering;
-    const auto due =
-        detail::saturating_add(loop_->now(), std::chrono::milliseconds(linger_timeout_ms_));
+    // The clock, not the loop's cached one: close() may run outside the loop, where that is as
+    // old as the last iteration and the linger would end early by that much.
+    const auto due = detail::saturating_add(detail::clock_now<Sys>(),
+                                            std::chrono::milliseconds(linger_timeout_ms_));
     if (const std::error_code ec = set_timer(due)) {
       // No timer (no fd for the timerfd, say), no lingering: close now. Unread input makes that
       // an RST, which drops what the kernel has not delivered: report why, if it holds any.
@@ -1110,7 +1119,7 @@ class Connection final : private detail::OwnedWatcher {
       }
       const std::uint32_t wanted =
           (reading_enabled() || phase_ == Phase::kLingering ? EPOLLIN | EPOLLRDHUP : 0u) |
-          (output_.empty() || (flags_ & kUserCorked) != 0 ? 0u
+          (output_.empty() || (flags_ & kCorkedEmpty) != 0 ? 0u
                                                           : static_cast<std::uint32_t>(EPOLLOUT));
       if (wanted == interest) return;
       if (const std::error_code ec = loop_->modify(*this, wanted)) fail(ec);

@@ -819,6 +819,8 @@ TEST_CASE("forwarding one message per callback to another connection writes it a
 
 // Guards (review): cork() with output already queued, level mode, left EPOLLOUT armed while the
 // EPOLLOUT flush skipped the corked output: every epoll_wait returned at once until uncork().
+// (Since the break-it pass, queued output keeps going out while corked: the EPOLLOUTs write it,
+// then the drained queue holds and wants no EPOLLOUT.)
 TEST_CASE("cork with queued output does not keep a level-triggered loop awake",
           "[regression][simulation][coalescing]") {
   using Loop = SimLoop<reactor::LevelTriggered>;
@@ -834,8 +836,8 @@ TEST_CASE("cork with queued output does not keep a level-triggered loop awake",
   a.cork();
   int busy = 0;
   for (int i = 0; i < 20; ++i) busy += loop.run_once(10ms) > 0 ? 1 : 0;
-  CHECK(busy == 0);  // was 20
-  CHECK(a.pending_output_bytes() == 10000 - 4096);
+  CHECK(busy <= 2);  // was 20; the EPOLLOUTs that write the queued bytes
+  CHECK(a.pending_output_bytes() == 0);
   a.uncork();
   for (int i = 0; i < 10 && got.size() < 10000; ++i) {
     kernel.peer_recv(pa, got);
@@ -871,4 +873,105 @@ TEST_CASE("cork and uncork do not restart the write timeout of refused bytes",
   CHECK(log.closes == 1);  // was 0: every uncork restarted the clock
   CHECK(log.reason == std::errc::timed_out);
   CHECK(ms_between(start, log.closed_at) <= 1500.0);
+}
+
+// --- Break-it pass over the write path (issue 13) -----------------------------------------------
+
+// Guards: uncork() between run_once calls stamps the write it makes with the clock. flush() took
+// the loop's cached clock, here 1000 ms old, so the 300 ms write timeout fired at the next
+// iteration although the peer was reading: the connection closed with 4096 of 10000 bytes out.
+TEMPLATE_TEST_CASE("uncork between run_once calls does not time out a reading peer",
+                   "[regression][simulation][coalescing][timeout]", reactor::LevelTriggered,
+                   reactor::EdgeTriggered) {
+  using Loop = SimLoop<TestType>;
+  sim::Kernel kernel(4096);
+  ProbeLog<Loop> log;
+  Loop loop;
+  auto [fd, peer] = kernel.open_connected();
+  reactor::ConnectionOptions options;
+  options.write_timeout = 300ms;
+  options.linger_timeout = 0ms;
+  auto& c = reactor::adopt(loop, SimFd(fd), Probe<Loop>{&log}, options);
+  loop.run_once(0ms);
+  CHECK(c.send(letters(4096)));  // fills the peer's side of the stream
+  c.cork();
+  CHECK(c.send(letters(10000)));
+  kernel.advance(1000ms);  // busy elsewhere: the loop's clock goes stale
+  c.uncork();              // 4096 bytes written now, the socket is full
+  loop.run_once(0ms);      // the connection's timer is due: it checks the write timeout
+  std::string received;
+  for (int i = 0; i < 20 && received.size() < 14096 && log.closes == 0; ++i) {
+    kernel.advance(100ms);
+    kernel.peer_recv(peer, received);
+    loop.run_once(0ms);
+  }
+  CHECK(log.closes == 0);  // was 1, timed_out
+  kernel.peer_recv(peer, received);
+  CHECK(received == letters(4096) + letters(10000));
+}
+
+// Guards: close() between run_once calls lingers for linger_timeout from the clock. The deadline
+// came from the loop's cached clock (now() returns it while a timer is pending), 1500 ms old
+// here, so on_close came at once instead of 1000 ms later.
+TEMPLATE_TEST_CASE("close between run_once calls lingers for the whole linger timeout",
+                   "[regression][simulation][timeout]", reactor::LevelTriggered,
+                   reactor::EdgeTriggered) {
+  using Loop = SimLoop<TestType>;
+  sim::Kernel kernel;
+  ProbeLog<Loop> log;
+  Loop loop;
+  auto [fd, peer] = kernel.open_connected();
+  reactor::ConnectionOptions options;
+  options.linger_timeout = 1000ms;
+  auto& c = reactor::adopt(loop, SimFd(fd), Probe<Loop>{&log}, options);
+  const reactor::TimerId unrelated = loop.schedule_after(1h, [] {});
+  loop.run_once(0ms);
+  kernel.advance(1500ms);
+  const Clock::time_point outside = kernel.now();
+  CHECK(c.send("bye"));
+  c.close();  // our FIN goes out; the peer never sends its own
+  REQUIRE(run_sim_until(loop, [&] { return log.closes == 1; }));
+  CHECK(ms_between(outside, log.closed_at) == 1000.0);  // was 0
+  std::string received;
+  kernel.peer_recv(peer, received);
+  CHECK(received == "bye");
+  loop.cancel(unrelated);
+}
+
+// Guards: cork() holds what is sent after it, not the output the kernel was already refusing.
+// Level mode dropped EPOLLOUT and edge mode ignored it while corked, so the queued bytes stopped
+// although the peer kept reading, and their write timeout closed a healthy connection with 4096
+// of 10000 bytes delivered.
+TEMPLATE_TEST_CASE("cork keeps writing output queued before it",
+                   "[regression][simulation][coalescing][timeout]", reactor::LevelTriggered,
+                   reactor::EdgeTriggered) {
+  using Loop = SimLoop<TestType>;
+  sim::Kernel kernel(4096);
+  ProbeLog<Loop> log;
+  Loop loop;
+  auto [fd, peer] = kernel.open_connected();
+  reactor::ConnectionOptions options;
+  options.write_timeout = 300ms;
+  options.linger_timeout = 0ms;
+  auto& c = reactor::adopt(loop, SimFd(fd), Probe<Loop>{&log}, options);
+  loop.run_once(0ms);
+  CHECK(c.send(letters(10000)));  // 4096 written, the rest queued
+  c.cork();
+  std::string received;
+  for (int i = 0; i < 20 && received.size() < 10000 && log.closes == 0; ++i) {
+    kernel.advance(100ms);
+    kernel.peer_recv(peer, received);
+    loop.run_once(0ms);
+  }
+  CHECK(log.closes == 0);  // was 1, timed_out
+  kernel.peer_recv(peer, received);
+  CHECK(received == letters(10000));
+  // The queue drained while corked: what is sent now is held until uncork().
+  CHECK(c.send("held"));
+  for (int i = 0; i < 3; ++i) loop.run_once(0ms);
+  CHECK(c.pending_output_bytes() == 4);
+  CHECK(kernel.peer_readable(peer) == 0);
+  c.uncork();
+  kernel.peer_recv(peer, received);
+  CHECK(received == letters(10000) + "held");
 }
