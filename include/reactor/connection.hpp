@@ -93,7 +93,7 @@ enum class ConnectionState : std::uint8_t {
 // kHandshaking: on_open runs once the handshake is done, and a failed one is reported to
 // on_handshake_failed instead of on_close.
 template <class Handler, class R = Reactor<>, class Transport = PlainTransport>
-class Connection final : private detail::OwnedWatcher {
+class Connection final : private detail::OwnedWatcher, private detail::Deadline {
   using Sys = typename R::syscalls;
   static_assert(reactor::Transport<Transport, Sys>,
                 "reactor: Connection's transport must model reactor::Transport (transport.hpp)");
@@ -414,6 +414,7 @@ class Connection final : private detail::OwnedWatcher {
   Connection(R& loop, int socket, Handler&& handler, const ConnectionOptions& options,
              Transport&& transport)
       : OwnedWatcher(&on_watcher_op),
+        Deadline(&on_deadline),
         loop_(&loop),
         high_water_(clamp32(options.high_water)),
         low_water_(clamp32(std::min(options.low_water, options.high_water))),
@@ -444,6 +445,12 @@ class Connection final : private detail::OwnedWatcher {
   static std::uint32_t clamp32(std::size_t value) noexcept {
     return static_cast<std::uint32_t>(
         std::min<std::size_t>(value, std::numeric_limits<std::uint32_t>::max()));
+  }
+
+  // The connection's one timer (detail::Deadline, a base so that this finds the connection): the
+  // reactor took it out of its heap before calling.
+  static void on_deadline(detail::Deadline& deadline) noexcept {
+    static_cast<Connection&>(deadline).on_timer();
   }
 
   static void on_watcher_op(detail::Watcher& watcher, detail::WatcherOp op, std::uint32_t events,
@@ -608,7 +615,7 @@ class Connection final : private detail::OwnedWatcher {
   void handshake_done() noexcept {
     phase_ = Phase::kOpen;
     flags_ &= ~(kNeverOpened | kHandshakeWrite);
-    if (timer_) loop_->cancel(std::exchange(timer_, TimerId{}));
+    loop_->disarm_deadline(*this);
     // activity_now(): a handshake that finished inside open() may run outside the loop.
     if (const std::error_code ec = arm_timeouts(loop_->activity_now())) {
       fail(ec);
@@ -1153,18 +1160,13 @@ class Connection final : private detail::OwnedWatcher {
     return set_timer(now + std::chrono::milliseconds(shortest));
   }
 
-  // Points the connection's one timer at `due`, replacing whatever it was set to. Its callback
-  // acts on the phase it finds (on_timer), so the caller needs no callback of its own.
+  // Points the connection's one timer (its Deadline, in the reactor's deadline heap) at `due`,
+  // replacing whatever it was set to; moving it allocates nothing. It always calls on_timer(),
+  // which acts on the phase it finds, so the caller needs no callback of its own. An error, with
+  // no timer set, when the heap had no room for it and none could be allocated.
   std::error_code set_timer(Clock::time_point due) noexcept {
-    if (timer_) loop_->cancel(std::exchange(timer_, TimerId{}));
-    try {
-      timer_ = loop_->schedule_at(due, [this] { on_timer(); });
-      return {};
-    } catch (const std::system_error& e) {
-      return e.code();
-    } catch (...) {
-      return std::make_error_code(std::errc::not_enough_memory);
-    }
+    if (!loop_->arm_deadline(*this, due)) return std::make_error_code(std::errc::not_enough_memory);
+    return {};
   }
 
   // Lingering (our FIN sent): whether the kernel still holds bytes of ours the peer has not
@@ -1177,7 +1179,6 @@ class Connection final : private detail::OwnedWatcher {
   }
 
   void on_timer() noexcept {
-    timer_ = {};
     switch (phase_) {
       case Phase::kHandshake:
         fail(std::make_error_code(std::errc::timed_out));
@@ -1286,7 +1287,7 @@ class Connection final : private detail::OwnedWatcher {
     loop_->uncork(*this);
     output_.clear(loop_->chunk_pool());
     drop_input();
-    if (timer_) loop_->cancel(std::exchange(timer_, TimerId{}));
+    loop_->disarm_deadline(*this);
     if (handle_index_ != detail::HandleTable::kNone) {
       loop_->handles().release(std::exchange(handle_index_, detail::HandleTable::kNone));
     }
@@ -1296,7 +1297,7 @@ class Connection final : private detail::OwnedWatcher {
 
   // Deletes a connection that never opened (open() failed half-way): no hook runs.
   void discard() noexcept {
-    if (timer_) loop_->cancel(std::exchange(timer_, TimerId{}));
+    loop_->disarm_deadline(*this);
     loop_->deregister(*this);
     Sys::close(std::exchange(fd, -1));
     delete this;
@@ -1361,7 +1362,6 @@ class Connection final : private detail::OwnedWatcher {
   std::uint32_t write_timeout_ms_;
   std::uint32_t linger_timeout_ms_;
   std::uint32_t handle_index_ = detail::HandleTable::kNone;
-  TimerId timer_;
   Clock::time_point last_read_{};
   Clock::time_point last_write_{};
   Phase phase_;

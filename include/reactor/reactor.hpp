@@ -335,6 +335,8 @@ class Reactor {
   // timer callback, the timer's own included.
   bool cancel(TimerId id) noexcept { return timers_.cancel(id); }
 
+  // Timers waiting to run: those scheduled here and not yet run or cancelled, plus one for each
+  // connection whose timer is set (timeouts, a handshake or linger deadline; docs/design.md).
   std::size_t pending_timers() const noexcept { return timers_.size(); }
 
   // The loop's clock: read once per iteration after epoll_wait while timers are pending (what
@@ -852,6 +854,20 @@ class Reactor {
   void add_listener(detail::ListenerNode& node) noexcept { listeners_.push_back(node); }
 
   // Connection bookkeeping, used by Connection.
+
+  // Arms (or moves) a connection's deadline: it fires in due order with the timers, as one of
+  // them would. Returns false, with the deadline disarmed, when the heap had no room and none
+  // could be allocated (a connection then acts as when schedule_at() threw).
+  bool arm_deadline(detail::Deadline& deadline, Clock::time_point due) noexcept {
+    if (timer_.fd < 0) open_timerfd();
+    start_timing();
+    if (!timers_.arm(deadline, due)) return false;
+    deferred_ |= kTimerWork;
+    arm_timer();
+    return true;
+  }
+  void disarm_deadline(detail::Deadline& deadline) noexcept { timers_.disarm(deadline); }
+
   void link_connection(detail::OwnedWatcher& node) noexcept {
     connections_.push_back(node);
     // One writer (this thread), any number of readers: a load and a store, no read-modify-write.
