@@ -57,7 +57,9 @@ void on_abort(int) {
 
 // So does a sanitizer's report (a use after free, say), which ends the process without the
 // SIGABRT handler: a mutant caught by ASan names its seed too (tests/simulation/find_mutants).
-[[maybe_unused]] void on_sanitizer_death() { on_abort(0); }
+[[maybe_unused]] void on_sanitizer_death() {
+  on_abort(0);
+}
 
 void announce(std::uint64_t seed) {
   std::snprintf(seed_text, sizeof seed_text, "sim_scenarios: failed at seed %llu\n",
