@@ -867,6 +867,12 @@ class Reactor {
     return true;
   }
   void disarm_deadline(detail::Deadline& deadline) noexcept { timers_.disarm(deadline); }
+  // The timer queue's one function for the deadlines it fires: all are TimedWatchers' (arm_deadline
+  // is reached only from Connection).
+  static void fire_deadline(detail::Deadline& deadline) noexcept {
+    auto& watcher = static_cast<detail::TimedWatcher&>(deadline);
+    watcher.function(watcher, detail::WatcherOp::kTimer, 0, nullptr);
+  }
 
   void link_connection(detail::OwnedWatcher& node) noexcept {
     connections_.push_back(node);
@@ -1066,7 +1072,7 @@ class Reactor {
   bool fds_freed_ = false;
   FdWaiterList fd_waiters_;
   ListenerList listeners_;
-  detail::TimerQueue timers_;
+  detail::TimerQueue timers_{&fire_deadline};
   Clock::time_point armed_due_ = Clock::time_point::max();  // what the timerfd holds; max: nothing
   bool timerfd_unarmed_ =
       false;  // no timerfd, or its last arm failed: epoll_wait's timeout stands in

@@ -35,15 +35,16 @@ class TimerQueue;
 
 // A one-shot deadline embedded in the object it times (a connection: its handshake timeout, its
 // timeout checks, its linger deadline), queued by TimerQueue::arm(). It replaces a general timer
-// there: 32 bytes in its owner and 8 in the heap, against a 96-byte slot (a 48-byte Task, period,
-// generation, free link) and a heap entry. `fire` runs when it is due, after it left the heap; it
-// may arm it again. The owner disarms it before it is destroyed; it must not move while armed.
+// there: 20 bytes in its owner (a derived class may put a 4-byte member in its tail padding) and 8
+// in the heap, against a 96-byte slot (a 48-byte Task, period, generation, free link) and a heap
+// entry. It holds no callback: when it is due, after it left the heap, the queue calls its one
+// fire function (the reactor's, for all connections), which may arm it again. The owner disarms
+// it before it is destroyed; it must not move while armed.
 class Deadline {
  public:
   using Clock = std::chrono::steady_clock;
-  using Fire = void (*)(Deadline&) noexcept;
 
-  explicit Deadline(Fire fire) noexcept : fire_(fire) {}
+  Deadline() noexcept = default;
   Deadline(const Deadline&) = delete;
   Deadline& operator=(const Deadline&) = delete;
 
@@ -57,13 +58,17 @@ class Deadline {
 
   Clock::time_point due_{};
   std::uint64_t sequence_ = 0;  // from the TimerQueue's one counter: ties fire in arming order
-  Fire fire_;
   std::uint32_t position_ = kNotQueued;  // in TimerQueue::deadlines_
 };
 
 class TimerQueue {
  public:
   using Clock = std::chrono::steady_clock;
+  // Called for each deadline that is due (one function for all: a deadline stores none).
+  using FireDeadline = void (*)(Deadline&) noexcept;
+
+  explicit TimerQueue(FireDeadline fire_deadline = nullptr) noexcept
+      : fire_deadline_(fire_deadline) {}
 
   // Schedules `task` at `due`; a positive `period` makes it repeat at due + k * period.
   TimerId add(Clock::time_point due, Clock::duration period, Task task) {
@@ -167,7 +172,7 @@ class TimerQueue {
           if (deadline.due_ > now || deadline.sequence_ >= pass_end) break;
           remove_deadline(0);
           ++ran;
-          deadline.fire_(deadline);
+          fire_deadline_(deadline);
           continue;
         }
       }
@@ -318,6 +323,7 @@ class TimerQueue {
   std::vector<Slot> slots_;
   std::vector<std::uint32_t> heap_;
   std::vector<Deadline*> deadlines_;  // a binary heap of the armed deadlines
+  FireDeadline fire_deadline_;
   std::uint32_t free_head_ = kNone;
   std::uint64_t next_sequence_ = 0;
   std::uint64_t exceptions_ = 0;
