@@ -796,11 +796,16 @@ class Reactor {
   }
 
   void run_timers() noexcept {
-    if (timers_.empty()) return;
-    if (timers_.next_due() <= now_) {
-      timers_.run_due(now_);
-      if (timer_.fd < 0) open_timerfd();  // out of fds when it was first needed: try again
+    const auto due = timers_.next_due_or_max();  // max(): none
+    if (due > now_) {
+      // Nothing due (every iteration of a loop with timeouts): what arm_timer() would decide,
+      // without looking at the two heaps again.
+      if (due >= armed_due_ && timer_.fd >= 0) return;
+      arm_timer();
+      return;
     }
+    timers_.run_due(now_);
+    if (timer_.fd < 0) open_timerfd();  // out of fds when it was first needed: try again
     arm_timer();
   }
 

@@ -149,6 +149,14 @@ class TimerQueue {
     if (heap_.empty()) return deadlines_.front()->due_;
     return std::min(slots_[heap_.front()].due, deadlines_.front()->due_);
   }
+  // The same, or Clock::time_point::max() when empty: one test per heap, for the loop's check
+  // on every iteration.
+  Clock::time_point next_due_or_max() const noexcept {
+    auto due = Clock::time_point::max();
+    if (!heap_.empty()) due = slots_[heap_.front()].due;
+    if (!deadlines_.empty()) due = std::min(due, deadlines_.front()->due_);
+    return due;
+  }
 
   // Runs every timer and deadline due at `now`, earliest first (ties in scheduling or arming
   // order, across both heaps: one sequence counter numbers both). Timers scheduled, and deadlines
