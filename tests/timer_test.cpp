@@ -563,7 +563,7 @@ struct TimedLog {
 };
 
 // Names its connection A or B in accept order and logs its on_close with the reason.
-template <class Loop>
+template <class LoopType>
 struct Timed {
   TimedLog* log;
   int name = 0;
@@ -588,19 +588,19 @@ struct Timed {
 TEMPLATE_TEST_CASE("a connection aborted by a timer due with its timeout never times out",
                    "[timer][timeout][simulation]", reactor::LevelTriggered,
                    reactor::EdgeTriggered) {
-  using Loop = SimLoop<TestType>;
+  using World = SimLoop<TestType>;
   sim::Kernel kernel;
   TimedLog log;
-  Loop loop;
+  World loop;
   reactor::ListenOptions options;
   options.connection.idle_timeout = 100ms;
   options.connection.linger_timeout = 0ms;
-  reactor::Acceptor<Timed<Loop>, Loop> acceptor(loop, reactor::Endpoint::parse("127.0.0.1:7000"),
-                                                Timed<Loop>{&log}, options);
+  reactor::Acceptor<Timed<World>, World> acceptor(loop, reactor::Endpoint::parse("127.0.0.1:7000"),
+                                                  Timed<World>{&log}, options);
   const auto start = kernel.now();
   loop.schedule_at(start + 100ms, [&] {
     log.events.emplace_back("timer");
-    using C = reactor::Connection<Timed<Loop>, Loop>;
+    using C = reactor::Connection<Timed<World>, World>;
     REQUIRE(log.connections[1] != nullptr);
     static_cast<C*>(log.connections[1])->abort();
     CHECK(loop.pending_timers() == 1);  // A's deadline; B's went with it, not when it fires
