@@ -583,3 +583,25 @@ TEST_CASE("an idle connection costs at most 256 bytes beyond its handler", "[con
   CHECK(connection.pending_output_bytes() == 0);
   CHECK(connection.pending_input_bytes() == 0);
 }
+
+TEST_CASE("a connection with timeouts costs at most 256 bytes beyond its handler",
+          "[connection][memory][timer]") {
+  // Its timer is the deadline inside it (no TimerQueue slot, no Task) and one pointer in the
+  // reactor's deadline heap, a vector that grows by doubling: count that pointer twice.
+  constexpr std::size_t kMallocOverhead = 16;
+  constexpr std::size_t kHeapEntry = 2 * sizeof(void*);
+  // The deadline (20 bytes, its tail padding reused) keeps the connection in glibc's 208-byte
+  // chunk (200 + 8 bytes of header), where it was with a TimerId (bench/idle_rss: 208 B/conn).
+  STATIC_REQUIRE(sizeof(reactor::Connection<Empty>) <= 200);
+  STATIC_REQUIRE(sizeof(reactor::Connection<Empty>) + kMallocOverhead + kHeapEntry <= 256);
+  STATIC_REQUIRE(sizeof(reactor::Connection<Empty, Loop<reactor::EdgeTriggered>>) +
+                     kMallocOverhead + kHeapEntry <=
+                 256);
+  Loop<reactor::LevelTriggered> loop;
+  auto [mine, theirs] = test::socket_pair();
+  reactor::ConnectionOptions options;
+  options.idle_timeout = std::chrono::seconds(60);
+  options.read_timeout = std::chrono::seconds(30);
+  reactor::adopt(loop, std::move(mine), Empty{}, options);
+  CHECK(loop.pending_timers() == 1);  // one deadline serves all its timeouts
+}

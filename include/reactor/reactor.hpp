@@ -337,6 +337,8 @@ class Reactor {
   // timer callback, the timer's own included.
   bool cancel(TimerId id) noexcept { return timers_.cancel(id); }
 
+  // Timers waiting to run: those scheduled here and not yet run or cancelled, plus one for each
+  // connection whose timer is set (timeouts, a handshake or linger deadline; docs/design.md).
   std::size_t pending_timers() const noexcept { return timers_.size(); }
 
   // The loop's clock: read once per iteration after epoll_wait while timers are pending (what
@@ -796,11 +798,16 @@ class Reactor {
   }
 
   void run_timers() noexcept {
-    if (timers_.empty()) return;
-    if (timers_.next_due() <= now_) {
-      timers_.run_due(now_);
-      if (timer_.fd < 0) open_timerfd();  // out of fds when it was first needed: try again
+    const auto due = timers_.next_due_or_max();  // max(): none
+    if (due > now_) {
+      // Nothing due (every iteration of a loop with timeouts): what arm_timer() would decide,
+      // without looking at the two heaps again.
+      if (due >= armed_due_ && timer_.fd >= 0) return;
+      arm_timer();
+      return;
     }
+    timers_.run_due(now_);
+    if (timer_.fd < 0) open_timerfd();  // out of fds when it was first needed: try again
     arm_timer();
   }
 
@@ -854,6 +861,26 @@ class Reactor {
   void add_listener(detail::ListenerNode& node) noexcept { listeners_.push_back(node); }
 
   // Connection bookkeeping, used by Connection.
+
+  // Arms (or moves) a connection's deadline: it fires in due order with the timers, as one of
+  // them would. Returns false, with the deadline disarmed, when the heap had no room and none
+  // could be allocated (a connection then acts as when schedule_at() threw).
+  bool arm_deadline(detail::Deadline& deadline, Clock::time_point due) noexcept {
+    if (timer_.fd < 0) open_timerfd();
+    start_timing();
+    if (!timers_.arm(deadline, due)) return false;
+    deferred_ |= kTimerWork;
+    arm_timer();
+    return true;
+  }
+  void disarm_deadline(detail::Deadline& deadline) noexcept { timers_.disarm(deadline); }
+  // The timer queue's one function for the deadlines it fires: all are TimedWatchers' (arm_deadline
+  // is reached only from Connection).
+  static void fire_deadline(detail::Deadline& deadline) noexcept {
+    auto& watcher = static_cast<detail::TimedWatcher&>(deadline);
+    watcher.function(watcher, detail::WatcherOp::kTimer, 0, nullptr);
+  }
+
   void link_connection(detail::OwnedWatcher& node) noexcept {
     connections_.push_back(node);
     // One writer (this thread), any number of readers: a load and a store, no read-modify-write.
@@ -1052,7 +1079,7 @@ class Reactor {
   bool fds_freed_ = false;
   FdWaiterList fd_waiters_;
   ListenerList listeners_;
-  detail::TimerQueue timers_;
+  detail::TimerQueue timers_{&fire_deadline};
   Clock::time_point armed_due_ = Clock::time_point::max();  // what the timerfd holds; max: nothing
   bool timerfd_unarmed_ =
       false;  // no timerfd, or its last arm failed: epoll_wait's timeout stands in

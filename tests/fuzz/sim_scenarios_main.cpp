@@ -18,6 +18,17 @@
 #include <string>
 #include <vector>
 
+#if defined(__SANITIZE_ADDRESS__)
+#define SIM_SCENARIOS_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define SIM_SCENARIOS_ASAN 1
+#endif
+#endif
+#ifdef SIM_SCENARIOS_ASAN
+#include <sanitizer/common_interface_defs.h>
+#endif
+
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size);
 extern std::uint64_t sim_fuzzer_last_hash;
 
@@ -44,6 +55,12 @@ void on_abort(int) {
   (void)ignored;
 }
 
+// So does a sanitizer's report (a use after free, say), which ends the process without the
+// SIGABRT handler: a mutant caught by ASan names its seed too (tests/simulation/find_mutants).
+[[maybe_unused]] void on_sanitizer_death() {
+  on_abort(0);
+}
+
 void announce(std::uint64_t seed) {
   std::snprintf(seed_text, sizeof seed_text, "sim_scenarios: failed at seed %llu\n",
                 static_cast<unsigned long long>(seed));
@@ -59,6 +76,9 @@ int usage() {
 
 int main(int argc, char** argv) {
   std::signal(SIGABRT, on_abort);
+#ifdef SIM_SCENARIOS_ASAN
+  __sanitizer_set_death_callback(on_sanitizer_death);
+#endif
   // --trace may come anywhere: take it out of the arguments.
   std::vector<char*> args(argv, argv + argc);
   const auto trace = std::find_if(args.begin() + 1, args.end(),

@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cstdint>
 
+#include "../timer.hpp"
 #include "intrusive_list.hpp"
 
 namespace reactor::detail {
@@ -23,6 +24,7 @@ enum class WatcherOp : std::uint8_t {
   kSend,      // send the std::string_view that `argument` points to (connections, via handles)
   kDrain,     // a graceful shutdown began: finish serving, close once quiet (connections)
   kFlush,     // write the output coalesced during the callbacks that just ran (connections)
+  kTimer,     // its deadline (TimedWatcher) fired; it is out of the heap (connections)
 };
 
 struct Watcher {
@@ -46,6 +48,13 @@ struct ReadyTag {};
 struct OwnedWatcher : Watcher, ListHook<AllConnectionsTag>, ListHook<ReadyTag> {
   using Watcher::Watcher;
   OwnedWatcher* next_closed = nullptr;
+};
+
+// An owned watcher with one deadline in the reactor's timer queue (a connection's timer): the
+// reactor finds the watcher from the deadline and calls it with WatcherOp::kTimer, so the deadline
+// needs no function pointer of its own.
+struct TimedWatcher : OwnedWatcher, Deadline {
+  using OwnedWatcher::OwnedWatcher;
 };
 
 struct ListenerTag {};
