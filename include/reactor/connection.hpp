@@ -37,6 +37,7 @@
 
 #include "buffer.hpp"
 #include "concepts.hpp"
+#include "detail/file_queue.hpp"
 #include "detail/watcher.hpp"
 #include "endpoint.hpp"
 #include "error.hpp"
@@ -172,7 +173,7 @@ class Connection final : private detail::OwnedWatcher {
     // first send of this step on a loop where no connection has sent twice in one): written at
     // once.
     if (phase_ == Phase::kOpen && (flags_ & (kUserCorked | kFlushPending)) == 0 &&
-        output_.empty() &&
+        output_idle() &&
         (!kCoalesce || (!loop_->sent_in_step(*this) && !loop_->holds_sends()) ||
          size >= kCoalesceLimit || !loop_->inside())) [[likely]] {
       if constexpr (kCoalesce) loop_->mark_sent(*this);
@@ -237,10 +238,77 @@ class Connection final : private detail::OwnedWatcher {
       if (phase_ != Phase::kOpen) return;
     }
     // Bytes the kernel was already refusing keep their write timeout; held ones have none.
-    flags_ |= kUserCorked | (output_.empty() ? kCorkedEmpty : Flag{});
+    flags_ |= kUserCorked | (output_idle() ? kCorkedEmpty : Flag{});
     update_interest();  // level mode: no EPOLLOUT for held output (it would fire on every wait)
   }
   void uncork() noexcept { release_cork(); }
+
+  // Queues `length` bytes of the file `file` from `offset` (a static file's body, say): they go
+  // out after everything sent before and before everything sent after, cork()ed and coalesced
+  // bytes included. The caller keeps `file`: the connection sends from a dup of it (one fd per
+  // queued file, closed once its bytes are written or the connection closes), so the caller may
+  // close its own fd at once and send the same file to many connections. `file` must support
+  // pread(2) (a regular file; not a pipe or socket). The kernel copies the bytes to the socket
+  // (sendfile(2), no copy through user space) where it can; with a transport that transforms
+  // bytes (TLS), a syscall policy without sendfile, or a file sendfile refuses (EINVAL, ENOSYS),
+  // they are read with pread into a 64 KiB buffer and written as send() writes. File bytes count
+  // in pending_output_bytes() and for the write timeout, and close() and shutdown() wait for them,
+  // but they hold no memory, so they count neither towards high_water nor max_pending_output.
+  // Returns an empty error_code when the range was queued (length 0 queues nothing); otherwise
+  // nothing was queued, the connection is left as it was, and the error says why: not_connected
+  // (closing or closed, as send() returns false), invalid_argument (offset + length past the
+  // largest file offset), operation_not_supported (the syscall policy has no pread), or dup's
+  // error (EMFILE, say). Should the file turn out shorter than offset + length, or a read of it
+  // fail, the connection closes: on_close gets Error::kFileTruncated, or the read's error.
+  std::error_code send_file(int file, std::uint64_t offset, std::uint64_t length) noexcept {
+    if (phase_ != Phase::kOpen && !handshaking()) {
+      return std::make_error_code(std::errc::not_connected);
+    }
+    if constexpr (!detail::has_pread<Sys>()) {
+      return std::make_error_code(std::errc::operation_not_supported);
+    } else {
+      constexpr auto kMaxOffset = static_cast<std::uint64_t>(std::numeric_limits<off_t>::max());
+      if (offset > kMaxOffset || length > kMaxOffset - offset) {
+        return std::make_error_code(std::errc::invalid_argument);
+      }
+      if (length == 0) return {};
+      // What the loop holds from this step goes first: out (or queued) now, as cork() does.
+      if ((flags_ & kFlushPending) != 0) {
+        loop_->uncork(*this);
+        flush_coalesced();
+        if (phase_ != Phase::kOpen) return std::make_error_code(std::errc::not_connected);
+      }
+      const int copy = Sys::fcntl(file, F_DUPFD_CLOEXEC, 0);
+      if (copy < 0) return detail::last_errno_code();
+      auto* entry = new (std::nothrow) detail::FileSend;
+      if (entry != nullptr && files_ == nullptr) {
+        files_ = new (std::nothrow) detail::FileQueue;
+        if (files_ == nullptr) {
+          delete entry;
+          entry = nullptr;
+        }
+      }
+      if (entry == nullptr) {
+        Sys::close(copy);
+        return std::make_error_code(std::errc::not_enough_memory);
+      }
+      entry->fd = copy;
+      entry->offset = offset;
+      entry->left = length;
+      entry->copy = !kKernelSendsFiles;
+      const bool was_idle = output_.empty() && files_->empty();
+      if (was_idle) last_write_ = loop_->activity_now();  // the write timeout counts from here
+      files_->push(entry, output_.size());
+      // Nothing ahead of it: start now, unless cork() holds output or a handshake runs.
+      if (was_idle && phase_ == Phase::kOpen && (flags_ & kUserCorked) == 0) {
+        write_files();
+        if (fd >= 0) update_interest();
+      } else {
+        update_interest();
+      }
+      return {};
+    }
+  }
 
   // Sends coalesce below this size (see send()).
   static constexpr std::size_t kCoalesceLimit = 4096;
@@ -264,7 +332,7 @@ class Connection final : private detail::OwnedWatcher {
     release_cork();  // its on_drain may act here
     if (phase_ != Phase::kOpen) return;
     phase_ = Phase::kShutdown;
-    if (output_.empty() && (flags_ & kFlushPending) == 0) send_fin();
+    if (output_idle() && (flags_ & kFlushPending) == 0) send_fin();
   }
 
   // Stops delivering input, flushes pending output, then closes (lingering for the peer's EOF
@@ -282,7 +350,7 @@ class Connection final : private detail::OwnedWatcher {
     const bool fin_sent = phase_ == Phase::kFinSent;
     phase_ = Phase::kClosing;
     drop_input();
-    if (output_.empty() && (flags_ & kFlushPending) == 0) {
+    if (output_idle() && (flags_ & kFlushPending) == 0) {
       finish_close(fin_sent);
     } else {
       update_interest();
@@ -309,9 +377,10 @@ class Connection final : private detail::OwnedWatcher {
   // False while paused by the user, by backpressure, after EOF, or while closing.
   bool is_reading() const noexcept { return reading_enabled(); }
 
-  // Bytes accepted by send() and not yet written (coalesced ones included).
+  // Bytes accepted by send() and send_file() and not yet written (coalesced ones included).
   std::size_t pending_output_bytes() const noexcept {
-    return output_.size() + ((flags_ & kFlushPending) != 0 ? loop_->cork_size() : 0);
+    return output_.size() + ((flags_ & kFlushPending) != 0 ? loop_->cork_size() : 0) +
+           (files_ != nullptr ? static_cast<std::size_t>(files_->bytes()) : 0);
   }
   std::size_t pending_input_bytes() const noexcept { return input_.size(); }
 
@@ -541,7 +610,7 @@ class Connection final : private detail::OwnedWatcher {
       if (fd < 0) return;
     }
     // Held by cork(): edge mode still reports EPOLLOUT; a hang-up or error ends the hold.
-    if ((events & (EPOLLOUT | EPOLLHUP | EPOLLERR)) != 0 && !output_.empty() &&
+    if ((events & (EPOLLOUT | EPOLLHUP | EPOLLERR)) != 0 && !output_idle() &&
         ((flags_ & kUserCorked) == 0 || (events & (EPOLLHUP | EPOLLERR)) != 0)) {
       flush();
       if (fd < 0) return;
@@ -551,7 +620,7 @@ class Connection final : private detail::OwnedWatcher {
       // connection can neither read (paused, EOF seen) nor write, nothing will clear it.
       // A close() from on_data during this event made it linger: the next event reads the EOF.
       if ((events & EPOLLHUP) != 0 && phase_ != Phase::kLingering && !reading_enabled() &&
-          output_.empty()) {
+          output_idle()) {
         if ((flags_ & (kUserPaused | kEof)) == kUserPaused && phase_ <= Phase::kFinSent) {
           // The peer is done (TCP: both FINs are through; a Unix socket: the peer closed) but the
           // handler paused before reading its EOF. Leave the epoll set (the EPOLLHUP would spin)
@@ -619,7 +688,7 @@ class Connection final : private detail::OwnedWatcher {
     if constexpr (HasOnOpen<Handler, Connection>) {
       if (!guarded([this] { handler_.on_open(*this); }) || fd < 0) return;
     }
-    if (!output_.empty()) {  // sent during the handshake (through a handle, say), then on_open's
+    if (!output_idle()) {  // sent during the handshake (through a handle, say), then on_open's
       flush();
       if (fd < 0) return;
     }
@@ -791,7 +860,8 @@ class Connection final : private detail::OwnedWatcher {
     if (total == 0) return true;
     // Held by cork(), or behind bytes that wait for EPOLLOUT: queued after them. (While bytes are
     // coalesced, output_ is empty.)
-    if ((flags_ & kUserCorked) != 0 || !output_.empty()) return enqueue(pieces, count, total, 0);
+    // Behind a queued file too: a file leaves no bytes in output_ until it is written.
+    if ((flags_ & kUserCorked) != 0 || !output_idle()) return enqueue(pieces, count, total, 0);
     if (kCoalesce && total < kCoalesceLimit && loop_->inside()) {
       if ((flags_ & kFlushPending) == 0) {
         if (!loop_->sent_in_step(*this) && !loop_->holds_sends()) {
@@ -919,7 +989,7 @@ class Connection final : private detail::OwnedWatcher {
     // The write timeout counts from here. The real clock outside the loop (before run(), between
     // run_once() calls) where the cached one can be arbitrarily old and the timeout would fire
     // early by that much. Only when output starts queueing, never per message.
-    if (output_.empty()) last_write_ = loop_->activity_now();
+    if (output_idle()) last_write_ = loop_->activity_now();
     for (int i = 0; i < count; ++i) {
       const char* bytes = static_cast<const char*>(pieces[i].iov_base);
       std::size_t size = pieces[i].iov_len;
@@ -945,18 +1015,34 @@ class Connection final : private detail::OwnedWatcher {
     if ((flags_ & kUserCorked) == 0) return;
     const bool timed_from_here = (flags_ & kCorkedEmpty) != 0;
     flags_ &= ~(kUserCorked | kCorkedEmpty);
-    if (fd < 0 || output_.empty()) return;
+    if (fd < 0 || output_idle()) return;
     if (timed_from_here) last_write_ = loop_->activity_now();  // held, not refused, until now
     flush();
   }
 
   void flush() noexcept {
     ChunkPool& pool = loop_->chunk_pool();
-    while (!output_.empty()) {
+    while (true) {
+      // A queued file goes out once the output ahead of it has.
+      detail::FileSend* file = files_ != nullptr ? files_->front() : nullptr;
+      if (file != nullptr && file->ahead == 0) {
+        const FileProgress progress = write_file(*file);
+        if (progress == FileProgress::kFailed) return;
+        if (progress == FileProgress::kBlocked) break;
+        continue;
+      }
+      if (output_.empty()) break;
       iovec vectors[kMaxIovecs];
-      const int count = output_.gather(vectors, kMaxIovecs);
+      const int gathered = output_.gather(vectors, kMaxIovecs);
+      // Only up to the next file, if one is queued.
+      std::size_t limit = file != nullptr ? file->ahead : std::numeric_limits<std::size_t>::max();
       std::size_t wanted = 0;
-      for (int i = 0; i < count; ++i) wanted += vectors[i].iov_len;
+      int count = 0;
+      for (; count < gathered && limit > 0; ++count) {
+        vectors[count].iov_len = std::min(vectors[count].iov_len, limit);
+        limit -= vectors[count].iov_len;
+        wanted += vectors[count].iov_len;
+      }
       const ssize_t n = transport_.template sendv<Sys>(fd, vectors, count);
       if (n < 0) {
         if (errno == EINTR) continue;
@@ -968,10 +1054,118 @@ class Connection final : private detail::OwnedWatcher {
         return;
       }
       output_.consume(pool, static_cast<std::size_t>(n));
+      if (file != nullptr) files_->output_written(static_cast<std::size_t>(n));
       last_write_ = loop_->cached_now();
       if (static_cast<std::size_t>(n) < wanted) break;  // socket buffer full
     }
     output_drained();
+  }
+
+  // True when no output is queued: no bytes, no file. (Coalesced bytes are the loop's, see
+  // kFlushPending.)
+  bool output_idle() const noexcept { return output_.empty() && files_ == nullptr; }
+
+  enum class FileProgress : std::uint8_t {
+    kWritten,  // some bytes (or a whole file) were written: call again
+    kBlocked,  // the socket is full: EPOLLOUT will tell
+    kFailed,   // the connection closed
+  };
+
+  // The kernel can copy files to this connection's socket.
+  static constexpr bool kKernelSendsFiles =
+      detail::transport_sends_files<Transport>() && detail::has_sendfile<Sys>();
+
+  // send_file() onto idle output: writes what the socket takes of the queued files now.
+  void write_files() noexcept {
+    while (files_ != nullptr) {
+      if (write_file(*files_->front()) != FileProgress::kWritten) return;
+    }
+  }
+
+  // One write of the first queued file, which has no output ahead of it. A file that is done is
+  // popped (and the queue freed with its last one). Unlike a short write of output_, a short
+  // sendfile may mean the file ended (the next call returns 0) rather than a full socket, so it
+  // reports kWritten and the caller calls again: edge mode would otherwise wait for an EPOLLOUT
+  // edge that a socket with room never raises. A full socket costs one EAGAIN per buffer.
+  FileProgress write_file(detail::FileSend& file) noexcept {
+    if constexpr (detail::has_pread<Sys>()) {
+      if constexpr (kKernelSendsFiles) {
+        if (!file.copy) {
+          // sendfile moves at most 0x7ffff000 bytes per call (sendfile(2), NOTES).
+          const std::size_t count =
+              static_cast<std::size_t>(std::min<std::uint64_t>(file.left, 0x7ffff000));
+          auto position = static_cast<off_t>(file.offset);
+          const ssize_t n = Sys::sendfile(fd, file.fd, &position, count);
+          if (n > 0) return file_written(static_cast<std::size_t>(n));
+          if (n == 0) {
+            fail(make_error_code(Error::kFileTruncated));
+            return FileProgress::kFailed;
+          }
+          if (errno == EINTR) return FileProgress::kWritten;
+          if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            return rearm_after_full_write() ? FileProgress::kBlocked : FileProgress::kFailed;
+          }
+          // EINVAL: the file cannot be mapped for sendfile (a file system without splice
+          // support, say); ENOSYS: no sendfile at all (a seccomp filter, an emulator). Copying
+          // works for any file pread can read.
+          if (errno != EINVAL && errno != ENOSYS) {
+            fail(detail::last_errno_code());
+            return FileProgress::kFailed;
+          }
+          file.copy = true;
+        }
+      }
+      if (files_->buffered() == 0) {
+        char* buffer = files_->buffer();
+        if (buffer == nullptr) {
+          fail(std::make_error_code(std::errc::not_enough_memory));
+          return FileProgress::kFailed;
+        }
+        const std::size_t wanted = static_cast<std::size_t>(
+            std::min<std::uint64_t>(file.left, detail::FileQueue::kBufferSize));
+        ssize_t n = 0;
+        do {
+          n = Sys::pread(file.fd, buffer, wanted, static_cast<off_t>(file.offset));
+        } while (n < 0 && errno == EINTR);
+        if (n <= 0) {
+          fail(n == 0 ? make_error_code(Error::kFileTruncated) : detail::last_errno_code());
+          return FileProgress::kFailed;
+        }
+        files_->filled(static_cast<std::size_t>(n));
+      }
+      const ssize_t n =
+          transport_.template send<Sys>(fd, files_->buffered_data(), files_->buffered());
+      if (n < 0) {
+        if (errno == EINTR) return FileProgress::kWritten;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+          return rearm_after_full_write() ? FileProgress::kBlocked : FileProgress::kFailed;
+        }
+        fail(transport_.error());
+        return FileProgress::kFailed;
+      }
+      files_->drained(static_cast<std::size_t>(n));
+      return file_written(static_cast<std::size_t>(n));
+    } else {
+      return FileProgress::kFailed;  // unreachable: send_file() queues nothing without pread
+    }
+  }
+
+  // `size` bytes of the first file went out; pops it when it is done.
+  FileProgress file_written(std::size_t size) noexcept {
+    files_->file_written(size);
+    last_write_ = loop_->activity_now();  // send_file() may run outside the loop
+    if (files_->front()->left == 0) {
+      Sys::close(files_->pop());
+      if (files_->empty()) delete std::exchange(files_, nullptr);
+    }
+    return FileProgress::kWritten;
+  }
+
+  // Closing: the queued files are dropped, their fds closed.
+  void drop_files() noexcept {
+    if (files_ == nullptr) return;
+    while (!files_->empty()) Sys::close(files_->pop());
+    delete std::exchange(files_, nullptr);
   }
 
   // After output shrank: lift backpressure, report drain, finish a pending close or shutdown.
@@ -984,7 +1178,7 @@ class Connection final : private detail::OwnedWatcher {
       reading_resumed();
       if (fd < 0) return;
     }
-    if (output_.empty()) {
+    if (output_idle()) {
       if (phase_ == Phase::kClosing) {
         finish_close(false);
         return;
@@ -1100,7 +1294,7 @@ class Connection final : private detail::OwnedWatcher {
         }
       }
       if (!registered) {         // out of the epoll set after EPOLLHUP while paused
-        if (!output_.empty()) {  // something to write after all: back in, for EPOLLOUT
+        if (!output_idle()) {  // something to write after all: back in, for EPOLLOUT
           if (const std::error_code ec = rejoin(EPOLLOUT)) fail(ec);
           return;
         }
@@ -1110,7 +1304,7 @@ class Connection final : private detail::OwnedWatcher {
       }
       const std::uint32_t wanted =
           (reading_enabled() || phase_ == Phase::kLingering ? EPOLLIN | EPOLLRDHUP : 0u) |
-          (output_.empty() || (flags_ & kUserCorked) != 0 ? 0u
+          (output_idle() || (flags_ & kUserCorked) != 0 ? 0u
                                                           : static_cast<std::uint32_t>(EPOLLOUT));
       if (wanted == interest) return;
       if (const std::error_code ec = loop_->modify(*this, wanted)) fail(ec);
@@ -1204,7 +1398,7 @@ class Connection final : private detail::OwnedWatcher {
     const Clock::time_point now = loop_->cached_now();
     const auto timed_out = std::make_error_code(std::errc::timed_out);
     auto next = Clock::time_point::max();
-    if (write_timeout_ms_ != 0 && !output_.empty() && (flags_ & kCorkedEmpty) == 0) {
+    if (write_timeout_ms_ != 0 && !output_idle() && (flags_ & kCorkedEmpty) == 0) {
       const auto due = last_write_ + std::chrono::milliseconds(write_timeout_ms_);
       if (due <= now) return fail(timed_out);
       next = std::min(next, due);
@@ -1231,7 +1425,7 @@ class Connection final : private detail::OwnedWatcher {
       if ((flags_ & kDraining) != 0 && phase_ < Phase::kClosing) {
         const auto quiet = loop_->drain_quiet_period();
         const auto due = std::max(last_read_, loop_->drain_started()) + quiet;
-        if (output_.empty() && due <= now) {
+        if (output_idle() && due <= now) {
           close();
           if (phase_ != Phase::kClosing) return;
           next = std::min(next, now + quiet);
@@ -1239,7 +1433,7 @@ class Connection final : private detail::OwnedWatcher {
           // Still sending: look again a quiet period later, never sooner than kDrainRecheck (a
           // quiet period of 0 re-armed the timer at `now` on every iteration, spinning until the
           // output drained or the grace ran out: found by sim_fuzzer).
-          next = std::min(next, output_.empty() ? due : now + std::max(quiet, kDrainRecheck));
+          next = std::min(next, output_idle() ? due : now + std::max(quiet, kDrainRecheck));
         }
       }
     }
@@ -1285,6 +1479,7 @@ class Connection final : private detail::OwnedWatcher {
     flags_ &= ~(kFlushPending | kUserCorked | kCorkedEmpty);
     loop_->uncork(*this);
     output_.clear(loop_->chunk_pool());
+    drop_files();
     drop_input();
     if (timer_) loop_->cancel(std::exchange(timer_, TimerId{}));
     if (handle_index_ != detail::HandleTable::kNone) {
@@ -1351,6 +1546,7 @@ class Connection final : private detail::OwnedWatcher {
 
   R* loop_;
   OutputQueue output_;
+  detail::FileQueue* files_ = nullptr;  // send_file()'s ranges; allocated only while it has some
   InputBuffer input_;
   std::uint32_t high_water_;
   std::uint32_t low_water_;
