@@ -101,7 +101,7 @@ constexpr auto kIgnore = [](auto& /*connection*/, std::string_view /*bytes*/) {}
 
 template <class Transport = reactor::PlainTransport, class L, class Handler>
 auto& open_connection(L& loop, reactor::UniqueFd socket, Handler handler,
-           const reactor::ConnectionOptions& options = {}) {
+                      const reactor::ConnectionOptions& options = {}) {
   return reactor::adopt(loop, reactor::BasicUniqueFd<typename L::syscalls>(std::move(socket)),
                         std::move(handler), options, Transport());
 }
@@ -190,17 +190,18 @@ TEMPLATE_TEST_CASE("sends and file sends from one on_data arrive in call order",
   test::Peer peer(std::move(theirs));
   Record record;
   std::error_code results[2];
-  open_connection(loop, std::move(mine), responder(record, [&](auto& connection, std::string_view) {
-         // Two small sends in one step: the loop holds them (coalescing); the file must wait
-         // for them, and the sends after it for the file.
-         connection.send("A1");
-         connection.send("A2");
-         results[0] = connection.send_file(file1.fd(), 0, first.size());
-         connection.send("B");
-         results[1] = connection.send_file(file2.fd(), 100, 4000);
-         connection.send(std::string(10000, 'C'));  // a large send goes out at once otherwise
-         connection.send("D");
-       }));
+  open_connection(
+      loop, std::move(mine), responder(record, [&](auto& connection, std::string_view) {
+        // Two small sends in one step: the loop holds them (coalescing); the file must wait
+        // for them, and the sends after it for the file.
+        connection.send("A1");
+        connection.send("A2");
+        results[0] = connection.send_file(file1.fd(), 0, first.size());
+        connection.send("B");
+        results[1] = connection.send_file(file2.fd(), 100, 4000);
+        connection.send(std::string(10000, 'C'));  // a large send goes out at once otherwise
+        connection.send("D");
+      }));
   peer.to_send = "go";
   peer.step();
   const std::string expected =
@@ -235,8 +236,7 @@ TEMPLATE_TEST_CASE("cork holds a file send and pending_output_bytes counts its b
 }
 
 TEMPLATE_TEST_CASE("a 6 MiB file reaches a slow reader through many partial writes",
-                   "[connection][file][partial]", reactor::LevelTriggered,
-                   reactor::EdgeTriggered) {
+                   "[connection][file][partial]", reactor::LevelTriggered, reactor::EdgeTriggered) {
   const std::string content = test::pattern(6 << 20, 9);
   TempFile file(content);
   Loop<TestType> loop;
@@ -255,8 +255,9 @@ TEMPLATE_TEST_CASE("a 6 MiB file reaches a slow reader through many partial writ
   CHECK(record.closes == 0);
 }
 
-TEMPLATE_TEST_CASE("a range in the middle of a file is sent and the caller may close its fd at once",
-                   "[connection][file]", reactor::LevelTriggered, reactor::EdgeTriggered) {
+TEMPLATE_TEST_CASE(
+    "a range in the middle of a file is sent and the caller may close its fd at once",
+    "[connection][file]", reactor::LevelTriggered, reactor::EdgeTriggered) {
   const std::string content = test::pattern(100000, 10);
   Loop<TestType> loop;
   auto [mine, theirs] = test::socket_pair();
@@ -272,8 +273,7 @@ TEMPLATE_TEST_CASE("a range in the middle of a file is sent and the caller may c
 }
 
 TEMPLATE_TEST_CASE("a file shorter than its range closes the connection with kFileTruncated",
-                   "[connection][file][error]", reactor::LevelTriggered,
-                   reactor::EdgeTriggered) {
+                   "[connection][file][error]", reactor::LevelTriggered, reactor::EdgeTriggered) {
   const std::string content = test::pattern(1000, 11);
   const bool copying = GENERATE(false, true);  // sendfile, or the pread fallback after EINVAL
   INFO((copying ? "pread fallback" : "sendfile"));
@@ -296,8 +296,7 @@ TEMPLATE_TEST_CASE("a file shorter than its range closes the connection with kFi
 }
 
 TEMPLATE_TEST_CASE("close after send_file delivers the whole file before the EOF",
-                   "[connection][file][close]", reactor::LevelTriggered,
-                   reactor::EdgeTriggered) {
+                   "[connection][file][close]", reactor::LevelTriggered, reactor::EdgeTriggered) {
   const std::string content = test::pattern(3 << 20, 12);
   TempFile file(content);
   Loop<TestType> loop;
@@ -316,8 +315,7 @@ TEMPLATE_TEST_CASE("close after send_file delivers the whole file before the EOF
 }
 
 TEMPLATE_TEST_CASE("shutdown after send_file sends FIN only after the file",
-                   "[connection][file][close]", reactor::LevelTriggered,
-                   reactor::EdgeTriggered) {
+                   "[connection][file][close]", reactor::LevelTriggered, reactor::EdgeTriggered) {
   const std::string content = test::pattern(2 << 20, 13);
   TempFile file(content);
   Loop<TestType> loop;
@@ -333,8 +331,7 @@ TEMPLATE_TEST_CASE("shutdown after send_file sends FIN only after the file",
 }
 
 TEMPLATE_TEST_CASE("short sendfile writes and injected EAGAIN still deliver every byte",
-                   "[connection][file][fault]", reactor::LevelTriggered,
-                   reactor::EdgeTriggered) {
+                   "[connection][file][fault]", reactor::LevelTriggered, reactor::EdgeTriggered) {
   const std::string content = test::pattern(500000, 14);
   TempFile file(content);
   Loop<TestType> loop;
@@ -344,7 +341,8 @@ TEMPLATE_TEST_CASE("short sendfile writes and injected EAGAIN still deliver ever
   Record record;
   auto& connection = open_connection(loop, std::move(mine), responder(record, kIgnore));
   const int fd = connection.native_handle();
-  script.random(Call::kSendfile, {{test::at_most_random(7000, fd), 6}, {test::fail(EAGAIN, fd), 2},
+  script.random(Call::kSendfile, {{test::at_most_random(7000, fd), 6},
+                                  {test::fail(EAGAIN, fd), 2},
                                   {test::fail(EINTR, fd), 1}});
   REQUIRE(connection.send("x"));
   REQUIRE(!connection.send_file(file.fd(), 0, content.size()));
@@ -356,8 +354,7 @@ TEMPLATE_TEST_CASE("short sendfile writes and injected EAGAIN still deliver ever
 }
 
 TEMPLATE_TEST_CASE("sendfile refused with EINVAL or ENOSYS falls back to pread and writes",
-                   "[connection][file][fault]", reactor::LevelTriggered,
-                   reactor::EdgeTriggered) {
+                   "[connection][file][fault]", reactor::LevelTriggered, reactor::EdgeTriggered) {
   const int error = GENERATE(EINVAL, ENOSYS);
   INFO("errno " << error);
   const std::string content = test::pattern(700000, 15);
@@ -380,8 +377,7 @@ TEMPLATE_TEST_CASE("sendfile refused with EINVAL or ENOSYS falls back to pread a
 }
 
 TEMPLATE_TEST_CASE("a sendfile error other than EINVAL closes the connection with it",
-                   "[connection][file][fault]", reactor::LevelTriggered,
-                   reactor::EdgeTriggered) {
+                   "[connection][file][fault]", reactor::LevelTriggered, reactor::EdgeTriggered) {
   TempFile file(test::pattern(1000, 16));
   Loop<TestType> loop;
   test::FaultScript script;
@@ -422,9 +418,8 @@ TEMPLATE_TEST_CASE("a policy without sendfile and a transport that forbids it co
   CHECK(script.calls(Call::kPread) >= content.size() / (64 * 1024));
 }
 
-TEMPLATE_TEST_CASE("send_file refusals leave the connection as it was",
-                   "[connection][file][error]", reactor::LevelTriggered,
-                   reactor::EdgeTriggered) {
+TEMPLATE_TEST_CASE("send_file refusals leave the connection as it was", "[connection][file][error]",
+                   reactor::LevelTriggered, reactor::EdgeTriggered) {
   TempFile file("0123456789");
   Loop<TestType> loop;
   test::FaultScript script;
@@ -449,8 +444,7 @@ TEMPLATE_TEST_CASE("send_file refusals leave the connection as it was",
 }
 
 TEMPLATE_TEST_CASE("the write timeout covers a file the peer does not read",
-                   "[connection][file][timeout]", reactor::LevelTriggered,
-                   reactor::EdgeTriggered) {
+                   "[connection][file][timeout]", reactor::LevelTriggered, reactor::EdgeTriggered) {
   TempFile file(test::pattern(4 << 20, 18));
   Loop<TestType> loop;
   auto [mine, theirs] = test::socket_pair();

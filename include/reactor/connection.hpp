@@ -172,8 +172,7 @@ class Connection final : private detail::OwnedWatcher {
     // Nothing queued or held, and no reason to hold this (outside the loop, a large send, or the
     // first send of this step on a loop where no connection has sent twice in one): written at
     // once.
-    if (phase_ == Phase::kOpen && (flags_ & (kUserCorked | kFlushPending)) == 0 &&
-        output_idle() &&
+    if (phase_ == Phase::kOpen && (flags_ & (kUserCorked | kFlushPending)) == 0 && output_idle() &&
         (!kCoalesce || (!loop_->sent_in_step(*this) && !loop_->holds_sends()) ||
          size >= kCoalesceLimit || !loop_->inside())) [[likely]] {
       if constexpr (kCoalesce) loop_->mark_sent(*this);
@@ -1293,7 +1292,7 @@ class Connection final : private detail::OwnedWatcher {
           return;
         }
       }
-      if (!registered) {         // out of the epoll set after EPOLLHUP while paused
+      if (!registered) {       // out of the epoll set after EPOLLHUP while paused
         if (!output_idle()) {  // something to write after all: back in, for EPOLLOUT
           if (const std::error_code ec = rejoin(EPOLLOUT)) fail(ec);
           return;
@@ -1305,7 +1304,7 @@ class Connection final : private detail::OwnedWatcher {
       const std::uint32_t wanted =
           (reading_enabled() || phase_ == Phase::kLingering ? EPOLLIN | EPOLLRDHUP : 0u) |
           (output_idle() || (flags_ & kUserCorked) != 0 ? 0u
-                                                          : static_cast<std::uint32_t>(EPOLLOUT));
+                                                        : static_cast<std::uint32_t>(EPOLLOUT));
       if (wanted == interest) return;
       if (const std::error_code ec = loop_->modify(*this, wanted)) fail(ec);
     }
