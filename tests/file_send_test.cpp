@@ -158,11 +158,11 @@ TEMPLATE_TEST_CASE("a whole file arrives byte for byte and its fd is closed afte
   const std::size_t fds_before = test::open_fd_count();
   {
     TempFile file(content);
+    Record record;  // before the loop: its destructor runs on_close
     Loop<TestType> loop;
     test::FaultScript script;  // counts the calls
     auto [mine, theirs] = test::socket_pair();
     test::Peer peer(std::move(theirs));
-    Record record;
     auto& connection = open_connection(loop, std::move(mine), responder(record, kIgnore));
     REQUIRE(!connection.send_file(file.fd(), 0, content.size()));
     // The first sendfile filled the socket: the rest is pending.
@@ -185,10 +185,10 @@ TEMPLATE_TEST_CASE("sends and file sends from one on_data arrive in call order",
   const std::string second = test::pattern(5000, 6);
   TempFile file1(first);
   TempFile file2(second);
+  Record record;  // before the loop: its destructor runs on_close
   Loop<TestType> loop;
   auto [mine, theirs] = test::socket_pair();
   test::Peer peer(std::move(theirs));
-  Record record;
   std::error_code results[2];
   open_connection(
       loop, std::move(mine), responder(record, [&](auto& connection, std::string_view) {
@@ -217,11 +217,11 @@ TEMPLATE_TEST_CASE("cork holds a file send and pending_output_bytes counts its b
                    "[connection][file][cork]", reactor::LevelTriggered, reactor::EdgeTriggered) {
   const std::string content = test::pattern(1000, 8);
   TempFile file(content);
+  Record record;  // before the loop: its destructor runs on_close
   Loop<TestType> loop;
   test::FaultScript script;
   auto [mine, theirs] = test::socket_pair();
   test::Peer peer(std::move(theirs));
-  Record record;
   auto& connection = open_connection(loop, std::move(mine), responder(record, kIgnore));
   connection.cork();
   REQUIRE(connection.send("head"));
@@ -239,11 +239,11 @@ TEMPLATE_TEST_CASE("a 6 MiB file reaches a slow reader through many partial writ
                    "[connection][file][partial]", reactor::LevelTriggered, reactor::EdgeTriggered) {
   const std::string content = test::pattern(6 << 20, 9);
   TempFile file(content);
+  Record record;  // before the loop: its destructor runs on_close
   Loop<TestType> loop;
   test::FaultScript script;
   auto [mine, theirs] = test::socket_pair();
   test::Peer peer(std::move(theirs));
-  Record record;
   auto& connection = open_connection(loop, std::move(mine), responder(record, kIgnore));
   REQUIRE(connection.send("before"));
   REQUIRE(!connection.send_file(file.fd(), 0, content.size()));
@@ -259,10 +259,10 @@ TEMPLATE_TEST_CASE(
     "a range in the middle of a file is sent and the caller may close its fd at once",
     "[connection][file]", reactor::LevelTriggered, reactor::EdgeTriggered) {
   const std::string content = test::pattern(100000, 10);
+  Record record;  // before the loop: its destructor runs on_close
   Loop<TestType> loop;
   auto [mine, theirs] = test::socket_pair();
   test::Peer peer(std::move(theirs));
-  Record record;
   auto& connection = open_connection(loop, std::move(mine), responder(record, kIgnore));
   {
     TempFile file(content);
@@ -278,11 +278,11 @@ TEMPLATE_TEST_CASE("a file shorter than its range closes the connection with kFi
   const bool copying = GENERATE(false, true);  // sendfile, or the pread fallback after EINVAL
   INFO((copying ? "pread fallback" : "sendfile"));
   TempFile file(content);
+  Record record;  // before the loop: its destructor runs on_close
   Loop<TestType> loop;
   test::FaultScript script;
   auto [mine, theirs] = test::socket_pair();
   test::Peer peer(std::move(theirs));
-  Record record;
   auto& connection = open_connection(loop, std::move(mine), responder(record, kIgnore));
   if (copying) script.always(Call::kSendfile, test::fail(EINVAL));
   REQUIRE(connection.send("before"));
@@ -299,10 +299,10 @@ TEMPLATE_TEST_CASE("close after send_file delivers the whole file before the EOF
                    "[connection][file][close]", reactor::LevelTriggered, reactor::EdgeTriggered) {
   const std::string content = test::pattern(3 << 20, 12);
   TempFile file(content);
+  Record record;  // before the loop: its destructor runs on_close
   Loop<TestType> loop;
   auto [mine, theirs] = test::socket_pair();
   test::Peer peer(std::move(theirs));
-  Record record;
   auto& connection = open_connection(loop, std::move(mine), responder(record, kIgnore));
   REQUIRE(!connection.send_file(file.fd(), 0, content.size()));
   connection.close();
@@ -318,10 +318,10 @@ TEMPLATE_TEST_CASE("shutdown after send_file sends FIN only after the file",
                    "[connection][file][close]", reactor::LevelTriggered, reactor::EdgeTriggered) {
   const std::string content = test::pattern(2 << 20, 13);
   TempFile file(content);
+  Record record;  // before the loop: its destructor runs on_close
   Loop<TestType> loop;
   auto [mine, theirs] = test::socket_pair();
   test::Peer peer(std::move(theirs));
-  Record record;
   auto& connection = open_connection(loop, std::move(mine), responder(record, kIgnore));
   REQUIRE(!connection.send_file(file.fd(), 0, content.size()));
   connection.shutdown();
@@ -334,11 +334,11 @@ TEMPLATE_TEST_CASE("short sendfile writes and injected EAGAIN still deliver ever
                    "[connection][file][fault]", reactor::LevelTriggered, reactor::EdgeTriggered) {
   const std::string content = test::pattern(500000, 14);
   TempFile file(content);
+  Record record;  // before the loop: its destructor runs on_close
   Loop<TestType> loop;
   test::FaultScript script(42);
   auto [mine, theirs] = test::socket_pair();
   test::Peer peer(std::move(theirs));
-  Record record;
   auto& connection = open_connection(loop, std::move(mine), responder(record, kIgnore));
   const int fd = connection.native_handle();
   script.random(Call::kSendfile, {{test::at_most_random(7000, fd), 6},
@@ -359,11 +359,11 @@ TEMPLATE_TEST_CASE("sendfile refused with EINVAL or ENOSYS falls back to pread a
   INFO("errno " << error);
   const std::string content = test::pattern(700000, 15);
   TempFile file(content);
+  Record record;  // before the loop: its destructor runs on_close
   Loop<TestType> loop;
   test::FaultScript script;
   auto [mine, theirs] = test::socket_pair();
   test::Peer peer(std::move(theirs));
-  Record record;
   auto& connection = open_connection(loop, std::move(mine), responder(record, kIgnore));
   script.always(Call::kSendfile, test::fail(error));
   script.random(Call::kSend, {{test::at_most_random(9000), 1}});  // partial writes of the buffer
@@ -379,11 +379,11 @@ TEMPLATE_TEST_CASE("sendfile refused with EINVAL or ENOSYS falls back to pread a
 TEMPLATE_TEST_CASE("a sendfile error other than EINVAL closes the connection with it",
                    "[connection][file][fault]", reactor::LevelTriggered, reactor::EdgeTriggered) {
   TempFile file(test::pattern(1000, 16));
+  Record record;  // before the loop: its destructor runs on_close
   Loop<TestType> loop;
   test::FaultScript script;
   auto [mine, theirs] = test::socket_pair();
   test::Peer peer(std::move(theirs));
-  Record record;
   auto& connection = open_connection(loop, std::move(mine), responder(record, kIgnore));
   script.next(Call::kSendfile, test::fail(EIO));
   REQUIRE(!connection.send_file(file.fd(), 0, 1000));
@@ -421,11 +421,11 @@ TEMPLATE_TEST_CASE("a policy without sendfile and a transport that forbids it co
 TEMPLATE_TEST_CASE("send_file refusals leave the connection as it was", "[connection][file][error]",
                    reactor::LevelTriggered, reactor::EdgeTriggered) {
   TempFile file("0123456789");
+  Record record;  // before the loop: its destructor runs on_close
   Loop<TestType> loop;
   test::FaultScript script;
   auto [mine, theirs] = test::socket_pair();
   test::Peer peer(std::move(theirs));
-  Record record;
   auto& connection = open_connection(loop, std::move(mine), responder(record, kIgnore));
   // The fd cannot be duplicated (out of fds).
   script.next(Call::kFcntl, test::fail(EMFILE));
@@ -446,10 +446,10 @@ TEMPLATE_TEST_CASE("send_file refusals leave the connection as it was", "[connec
 TEMPLATE_TEST_CASE("the write timeout covers a file the peer does not read",
                    "[connection][file][timeout]", reactor::LevelTriggered, reactor::EdgeTriggered) {
   TempFile file(test::pattern(4 << 20, 18));
+  Record record;  // before the loop: its destructor runs on_close
   Loop<TestType> loop;
   auto [mine, theirs] = test::socket_pair();
   test::Peer peer(std::move(theirs));
-  Record record;
   reactor::ConnectionOptions options;
   options.write_timeout = 100ms;
   auto& connection = open_connection(loop, std::move(mine), responder(record, kIgnore), options);
