@@ -254,11 +254,13 @@ class Connection final : private detail::OwnedWatcher {
   // in pending_output_bytes() and for the write timeout, and close() and shutdown() wait for them,
   // but they hold no memory, so they count neither towards high_water nor max_pending_output.
   // Returns an empty error_code when the range was queued (length 0 queues nothing); otherwise
-  // nothing was queued, the connection is left as it was, and the error says why: not_connected
-  // (closing or closed, as send() returns false), invalid_argument (offset + length past the
-  // largest file offset), operation_not_supported (the syscall policy has no pread), or dup's
-  // error (EMFILE, say). Should the file turn out shorter than offset + length, or a read of it
-  // fail, the connection closes: on_close gets Error::kFileTruncated, or the read's error.
+  // nothing was queued and the error says why: not_connected (sending has ended: shutdown(),
+  // close(), or a failed write of bytes held from this step, which on_close reports; send() then
+  // returns false), invalid_argument (offset + length past the largest file offset),
+  // operation_not_supported (the syscall policy has no pread, as the simulated kernel's), or
+  // dup's error (EMFILE, say), which leaves the connection as it was. Should the file turn out
+  // shorter than offset + length, or a read of it fail, the connection closes: on_close gets
+  // Error::kFileTruncated, or the read's error. Reactor thread only; no ConnectionHandle form.
   std::error_code send_file(int file, std::uint64_t offset, std::uint64_t length) noexcept {
     if (phase_ != Phase::kOpen && !handshaking()) {
       return std::make_error_code(std::errc::not_connected);
