@@ -5,6 +5,7 @@
 // (the pread fallback) are injected through the syscall seam (test::FaultSyscalls). Both trigger
 // modes throughout. Files are temporary files under /tmp, removed by each test.
 #include <fcntl.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -456,4 +457,26 @@ TEMPLATE_TEST_CASE("the write timeout covers a file the peer does not read",
   REQUIRE(!connection.send_file(file.fd(), 0, 4 << 20));
   REQUIRE(test::run_until(loop, [&] { return record.closes == 1; }));
   CHECK(record.reason == std::errc::timed_out);
+}
+
+TEMPLATE_TEST_CASE("a peer gone before the file closes the connection with EPIPE and no SIGPIPE",
+                   "[connection][file][error]", reactor::LevelTriggered, reactor::EdgeTriggered) {
+  // sendfile has no MSG_NOSIGNAL: with SIGPIPE's default action, a SIGPIPE would end this process.
+  struct sigaction saved {};
+  struct sigaction fatal {};
+  fatal.sa_handler = SIG_DFL;
+  REQUIRE(::sigaction(SIGPIPE, &fatal, &saved) == 0);
+  TempFile file(test::pattern(100000, 19));
+  Record record;  // before the loop: its destructor runs on_close
+  Loop<TestType> loop;
+  auto [mine, theirs] = test::socket_pair();
+  auto& connection = open_connection(loop, std::move(mine), responder(record, kIgnore));
+  theirs.reset();  // the peer is gone: writing raises EPIPE (and, unasked, SIGPIPE)
+  CHECK(!connection.send_file(file.fd(), 0, 100000));
+  REQUIRE(test::run_until(loop, [&] { return record.closes == 1; }));
+  CHECK(record.reason == std::errc::broken_pipe);
+  sigset_t pending;
+  REQUIRE(::sigpending(&pending) == 0);
+  CHECK(::sigismember(&pending, SIGPIPE) == 0);
+  ::sigaction(SIGPIPE, &saved, nullptr);
 }

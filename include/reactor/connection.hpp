@@ -19,6 +19,7 @@
 
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <signal.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 
@@ -1095,8 +1096,11 @@ class Connection final : private detail::OwnedWatcher {
           // sendfile moves at most 0x7ffff000 bytes per call (sendfile(2), NOTES).
           const std::size_t count =
               static_cast<std::size_t>(std::min<std::uint64_t>(file.left, 0x7ffff000));
-          auto position = static_cast<off_t>(file.offset);
-          const ssize_t n = Sys::sendfile(fd, file.fd, &position, count);
+          ssize_t n = 0;
+          if (!send_file_quietly(file, count, n)) {
+            file.copy = true;  // SIGPIPE could not be blocked: copy, with MSG_NOSIGNAL
+            return FileProgress::kWritten;
+          }
           if (n > 0) return file_written(static_cast<std::size_t>(n));
           if (n == 0) {
             fail(make_error_code(Error::kFileTruncated));
@@ -1148,6 +1152,41 @@ class Connection final : private detail::OwnedWatcher {
       return file_written(static_cast<std::size_t>(n));
     } else {
       return FileProgress::kFailed;  // unreachable: send_file() queues nothing without pread
+    }
+  }
+
+  // One sendfile of `file` into `n` (its result; errno set when -1). sendfile(2) has no
+  // MSG_NOSIGNAL: on a socket whose peer is gone (EPIPE: the peer's RST after its FIN, say) the
+  // kernel raises SIGPIPE, whose default action ends the process, and the library changes no
+  // signal disposition. So SIGPIPE is blocked in this thread for the call, and one it raised is
+  // taken back (sigtimedwait with a zero timeout) before the old mask returns: two
+  // pthread_sigmask calls per sendfile (one per socket buffer's worth), a third after EPIPE.
+  // Where the thread blocks SIGPIPE already, a SIGPIPE pending after the call may be the
+  // caller's, and is left alone. Returns false, with nothing sent, when the mask could not be
+  // changed.
+  bool send_file_quietly(detail::FileSend& file, std::size_t count, ssize_t& n) noexcept {
+    if constexpr (kKernelSendsFiles) {
+      sigset_t pipe;
+      sigemptyset(&pipe);
+      sigaddset(&pipe, SIGPIPE);
+      sigset_t old;
+      if (Sys::sigprocmask(SIG_BLOCK, &pipe, &old) != 0) return false;
+      auto position = static_cast<off_t>(file.offset);
+      n = Sys::sendfile(fd, file.fd, &position, count);
+      const int error = errno;
+      if (n < 0 && error == EPIPE && sigismember(&old, SIGPIPE) == 0) {
+        const timespec zero{};
+        while (Sys::sigtimedwait(&pipe, nullptr, &zero) < 0 && errno == EINTR) {
+        }
+      }
+      Sys::sigprocmask(SIG_SETMASK, &old, nullptr);
+      errno = error;
+      return true;
+    } else {
+      static_cast<void>(file);
+      static_cast<void>(count);
+      n = -1;
+      return false;
     }
   }
 
