@@ -1086,9 +1086,10 @@ class Connection final : private detail::OwnedWatcher {
 
   // One write of the first queued file, which has no output ahead of it. A file that is done is
   // popped (and the queue freed with its last one). Unlike a short write of output_, a short
-  // sendfile may mean the file ended (the next call returns 0) rather than a full socket, so it
-  // reports kWritten and the caller calls again: edge mode would otherwise wait for an EPOLLOUT
-  // edge that a socket with room never raises. A full socket costs one EAGAIN per buffer.
+  // sendfile may mean the file ended (the next call returns 0) rather than a full socket. Level
+  // mode waits for EPOLLOUT either way (a socket with room reports it at once, and the next call
+  // finds the end); edge mode calls again at once, since a socket with room raises no new edge
+  // (one EAGAIN per full buffer).
   FileProgress write_file(detail::FileSend& file) noexcept {
     if constexpr (detail::has_pread<Sys>()) {
       if constexpr (kKernelSendsFiles) {
@@ -1101,7 +1102,11 @@ class Connection final : private detail::OwnedWatcher {
             file.copy = true;  // SIGPIPE could not be blocked: copy, with MSG_NOSIGNAL
             return FileProgress::kWritten;
           }
-          if (n > 0) return file_written(static_cast<std::size_t>(n));
+          if (n > 0) {
+            const FileProgress progress = file_written(static_cast<std::size_t>(n));
+            return !kEdge && static_cast<std::size_t>(n) < count ? FileProgress::kBlocked
+                                                                 : progress;
+          }
           if (n == 0) {
             fail(make_error_code(Error::kFileTruncated));
             return FileProgress::kFailed;
