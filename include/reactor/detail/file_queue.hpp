@@ -32,7 +32,7 @@ class FileQueue {
  public:
   // Size of the buffer that copied files go through: a few socket buffers' worth, small enough
   // to free once the queue empties.
-  static constexpr std::size_t kBufferSize = 64 * 1024;
+  static constexpr std::size_t kBufferSize = std::size_t{64} * 1024;
 
   FileQueue() noexcept = default;
   FileQueue(const FileQueue&) = delete;
