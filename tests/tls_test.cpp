@@ -109,10 +109,16 @@ const Pki& pki() {
 
 // What the server's connections saw, all of them together.
 struct ServerLog {
-  enum class OnOpen { kNothing, kClose, kThrow, kSendAndClose };
+  enum class OnOpen { kNothing, kClose, kThrow, kSendAndClose, kSendFileAndClose };
   OnOpen on_open = OnOpen::kNothing;
   bool echo = true;
-  std::string greeting;  // kSendAndClose: sent by on_open
+  std::string greeting;  // kSendAndClose: sent by on_open; kSendFileAndClose: before the file
+  // kSendFileAndClose: on_open sends the greeting, this range of this file, then the trailer.
+  int file = -1;
+  std::uint64_t file_offset = 0;
+  std::uint64_t file_length = 0;
+  std::string trailer;
+  std::error_code send_file_result;
 
   int opened = 0;
   int closed = 0;
@@ -154,6 +160,12 @@ struct ServerHandler {
         throw std::runtime_error("on_open throws");
       case ServerLog::OnOpen::kSendAndClose:
         connection.send(log->greeting);
+        connection.close();
+        break;
+      case ServerLog::OnOpen::kSendFileAndClose:
+        connection.send(log->greeting);
+        log->send_file_result = connection.send_file(log->file, log->file_offset, log->file_length);
+        connection.send(log->trailer);
         connection.close();
         break;
     }
@@ -545,6 +557,38 @@ TEMPLATE_TEST_CASE("4 MiB each way cross TLS 1.3 and TLS 1.2 byte for byte", "[t
     CHECK(client_log.version == expected);
   }
   CHECK(test::open_fd_count() == baseline);
+}
+
+TEMPLATE_TEST_CASE("send_file over TLS copies the file through the transport in order",
+                   "[tls][file]", LT, ET) {
+  const std::string content = test::pattern(3 << 20, 21);
+  char name[] = "/tmp/reactor_tls_file_XXXXXX";
+  const int file = ::mkstemp(name);
+  REQUIRE(file >= 0);
+  ::unlink(name);
+  REQUIRE(::write(file, content.data(), content.size()) == static_cast<ssize_t>(content.size()));
+  const TlsContext server_context(TlsRole::kServer, server_options(pki().localhost));
+  const TlsContext client_context(TlsRole::kClient, client_options(pki().ca));
+  ServerLog server_log;
+  server_log.on_open = ServerLog::OnOpen::kSendFileAndClose;
+  server_log.greeting = "head";
+  server_log.file = file;
+  server_log.file_offset = 1000;
+  server_log.file_length = content.size() - 2000;
+  server_log.trailer = "tail";
+  const std::string expected = "head" + content.substr(1000, content.size() - 2000) + "tail";
+  TestType loop;
+  Server<TestType> server(loop, loopback(), reactor::TlsTransport(server_context),
+                          ServerHandler{&server_log});
+  Client<TestType> client(loop, client_context, "localhost");
+  client.log.close_after = expected.size();
+  client.connect(server.local_endpoint().port());
+  REQUIRE(drive(loop, [&] { return client.log.closed == 1 && server_log.closed == 1; }));
+  ::close(file);
+  CHECK(!server_log.send_file_result);
+  CHECK(client.log.received.size() == expected.size());
+  CHECK(client.log.received == expected);
+  CHECK(server_log.close_reasons == std::vector<std::error_code>{std::error_code()});
 }
 
 // --- 2. SNI

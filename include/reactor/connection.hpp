@@ -19,6 +19,7 @@
 
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <signal.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 
@@ -37,6 +38,7 @@
 
 #include "buffer.hpp"
 #include "concepts.hpp"
+#include "detail/file_queue.hpp"
 #include "detail/watcher.hpp"
 #include "endpoint.hpp"
 #include "error.hpp"
@@ -171,8 +173,7 @@ class Connection final : private detail::TimedWatcher {
     // Nothing queued or held, and no reason to hold this (outside the loop, a large send, or the
     // first send of this step on a loop where no connection has sent twice in one): written at
     // once.
-    if (phase_ == Phase::kOpen && (flags_ & (kUserCorked | kFlushPending)) == 0 &&
-        output_.empty() &&
+    if (phase_ == Phase::kOpen && (flags_ & (kUserCorked | kFlushPending)) == 0 && output_idle() &&
         (!kCoalesce || (!loop_->sent_in_step(*this) && !loop_->holds_sends()) ||
          size >= kCoalesceLimit || !loop_->inside())) [[likely]] {
       if constexpr (kCoalesce) loop_->mark_sent(*this);
@@ -240,10 +241,85 @@ class Connection final : private detail::TimedWatcher {
       if (phase_ != Phase::kOpen) return;
     }
     // Bytes the kernel was already refusing keep their write timeout; held ones have none.
-    flags_ |= kUserCorked | (output_.empty() ? kCorkedEmpty : Flag{});
+    flags_ |= kUserCorked | (output_idle() ? kCorkedEmpty : Flag{});
     update_interest();  // level mode: no EPOLLOUT for held output (it would fire on every wait)
   }
   void uncork() noexcept { release_cork(); }
+
+  // Queues `length` bytes of the file `file` from `offset` (a static file's body, say): they go
+  // out after everything sent before and before everything sent after, cork()ed and coalesced
+  // bytes included. The caller keeps `file`: the connection sends from a dup of it (one fd per
+  // queued file, closed once its bytes are written or the connection closes), so the caller may
+  // close its own fd at once and send the same file to many connections. `file` must support
+  // pread(2) (a regular file; not a pipe or socket). The kernel copies the bytes to the socket
+  // (sendfile(2), no copy through user space) where it can; with a transport that transforms
+  // bytes (TLS), a syscall policy without sendfile, or a file sendfile refuses (EINVAL, ENOSYS),
+  // they are read with pread into a 64 KiB buffer and written as send() writes. File bytes count
+  // in pending_output_bytes() and for the write timeout, and close() and shutdown() wait for them,
+  // but they hold no memory, so they count neither towards high_water nor max_pending_output.
+  // Returns an empty error_code when the range was queued (length 0 queues nothing); otherwise
+  // nothing was queued and the error says why: not_connected (sending has ended: shutdown(),
+  // close(), or a failed write of bytes held from this step, which on_close reports; send() then
+  // returns false), invalid_argument (offset + length past the largest file offset),
+  // operation_not_supported (the syscall policy has no pread, as the simulated kernel's), or
+  // dup's error (EMFILE, say), which leaves the connection as it was. Should the file turn out
+  // shorter than offset + length, or a read of it fail, the connection closes: on_close gets
+  // Error::kFileTruncated, or the read's error. Reactor thread only; no ConnectionHandle form.
+  std::error_code send_file(int file, std::uint64_t offset, std::uint64_t length) noexcept {
+    if (phase_ != Phase::kOpen && !handshaking()) {
+      return std::make_error_code(std::errc::not_connected);
+    }
+    if constexpr (!detail::has_pread<Sys>()) {
+      return std::make_error_code(std::errc::operation_not_supported);
+    } else {
+      constexpr auto kMaxOffset = static_cast<std::uint64_t>(std::numeric_limits<off_t>::max());
+      if (offset > kMaxOffset || length > kMaxOffset - offset) {
+        return std::make_error_code(std::errc::invalid_argument);
+      }
+      if (length == 0) return {};
+      // What the loop holds from this step goes first: out (or queued) now, as cork() does.
+      if ((flags_ & kFlushPending) != 0) {
+        loop_->uncork(*this);
+        flush_coalesced();
+        if (phase_ != Phase::kOpen) return std::make_error_code(std::errc::not_connected);
+      }
+      const int copy = Sys::fcntl(file, F_DUPFD_CLOEXEC, 0);
+      if (copy < 0) return detail::last_errno_code();
+      auto* entry = new (std::nothrow) detail::FileSend;
+      detail::FileQueue* files = file_queue();
+      if (entry != nullptr && files == nullptr) {
+        files = new (std::nothrow) detail::FileQueue;
+        if (files != nullptr && !loop_->attach_file_queue(this, files)) {
+          delete std::exchange(files, nullptr);
+        }
+        if (files == nullptr) {
+          delete entry;
+          entry = nullptr;
+        } else {
+          flags_ |= kHasFiles;
+        }
+      }
+      if (entry == nullptr) {
+        Sys::close(copy);
+        return std::make_error_code(std::errc::not_enough_memory);
+      }
+      entry->fd = copy;
+      entry->offset = offset;
+      entry->left = length;
+      entry->copy = !kKernelSendsFiles;
+      const bool was_idle = output_.empty() && files->empty();
+      if (was_idle) last_write_ = loop_->activity_now();  // the write timeout counts from here
+      files->push(entry, output_.size());
+      // Nothing ahead of it: start now, unless cork() holds output or a handshake runs.
+      if (was_idle && phase_ == Phase::kOpen && (flags_ & kUserCorked) == 0) {
+        write_files();
+        if (fd >= 0) update_interest();
+      } else {
+        update_interest();
+      }
+      return {};
+    }
+  }
 
   // Sends coalesce below this size (see send()).
   static constexpr std::size_t kCoalesceLimit = 4096;
@@ -267,7 +343,7 @@ class Connection final : private detail::TimedWatcher {
     release_cork();  // its on_drain may act here
     if (phase_ != Phase::kOpen) return;
     phase_ = Phase::kShutdown;
-    if (output_.empty() && (flags_ & kFlushPending) == 0) send_fin();
+    if (output_idle() && (flags_ & kFlushPending) == 0) send_fin();
   }
 
   // Stops delivering input, flushes pending output, then closes (lingering for the peer's EOF
@@ -285,7 +361,7 @@ class Connection final : private detail::TimedWatcher {
     const bool fin_sent = phase_ == Phase::kFinSent;
     phase_ = Phase::kClosing;
     drop_input();
-    if (output_.empty() && (flags_ & kFlushPending) == 0) {
+    if (output_idle() && (flags_ & kFlushPending) == 0) {
       finish_close(fin_sent);
     } else {
       update_interest();
@@ -312,9 +388,10 @@ class Connection final : private detail::TimedWatcher {
   // False while paused by the user, by backpressure, after EOF, or while closing.
   bool is_reading() const noexcept { return reading_enabled(); }
 
-  // Bytes accepted by send() and not yet written (coalesced ones included).
+  // Bytes accepted by send() and send_file() and not yet written (coalesced ones included).
   std::size_t pending_output_bytes() const noexcept {
-    return output_.size() + ((flags_ & kFlushPending) != 0 ? loop_->cork_size() : 0);
+    return output_.size() + ((flags_ & kFlushPending) != 0 ? loop_->cork_size() : 0) +
+           ((flags_ & kHasFiles) != 0 ? static_cast<std::size_t>(file_queue()->bytes()) : 0);
   }
   std::size_t pending_input_bytes() const noexcept { return input_.size(); }
 
@@ -413,6 +490,7 @@ class Connection final : private detail::TimedWatcher {
     kUserCorked = 1 << 12,      // cork(): output waits for uncork()
     kCorkedEmpty = 1 << 13,     // corked with nothing refused queued (at cork(), or drained
                                 // since): output waits for uncork(), with no write timeout
+    kHasFiles = 1 << 14,        // send_file() queued files: the loop keeps their FileQueue
   };
 
   Connection(R& loop, int socket, Handler&& handler, const ConnectionOptions& options,
@@ -548,7 +626,7 @@ class Connection final : private detail::TimedWatcher {
       if (fd < 0) return;
     }
     // Held by cork(): edge mode still reports EPOLLOUT; a hang-up or error ends the hold.
-    if ((events & (EPOLLOUT | EPOLLHUP | EPOLLERR)) != 0 && !output_.empty() &&
+    if ((events & (EPOLLOUT | EPOLLHUP | EPOLLERR)) != 0 && !output_idle() &&
         ((flags_ & kCorkedEmpty) == 0 || (events & (EPOLLHUP | EPOLLERR)) != 0)) {
       flush();
       if (fd < 0) return;
@@ -558,7 +636,7 @@ class Connection final : private detail::TimedWatcher {
       // connection can neither read (paused, EOF seen) nor write, nothing will clear it.
       // A close() from on_data during this event made it linger: the next event reads the EOF.
       if ((events & EPOLLHUP) != 0 && phase_ != Phase::kLingering && !reading_enabled() &&
-          output_.empty()) {
+          output_idle()) {
         if ((flags_ & (kUserPaused | kEof)) == kUserPaused && phase_ <= Phase::kFinSent) {
           // The peer is done (TCP: both FINs are through; a Unix socket: the peer closed) but the
           // handler paused before reading its EOF. Leave the epoll set (the EPOLLHUP would spin)
@@ -626,7 +704,7 @@ class Connection final : private detail::TimedWatcher {
     if constexpr (HasOnOpen<Handler, Connection>) {
       if (!guarded([this] { handler_.on_open(*this); }) || fd < 0) return;
     }
-    if (!output_.empty()) {  // sent during the handshake (through a handle, say), then on_open's
+    if (!output_idle()) {  // sent during the handshake (through a handle, say), then on_open's
       flush();
       if (fd < 0) return;
     }
@@ -798,7 +876,8 @@ class Connection final : private detail::TimedWatcher {
     if (total == 0) return true;
     // Held by cork(), or behind bytes that wait for EPOLLOUT: queued after them. (While bytes are
     // coalesced, output_ is empty.)
-    if ((flags_ & kUserCorked) != 0 || !output_.empty()) return enqueue(pieces, count, total, 0);
+    // Behind a queued file too: a file leaves no bytes in output_ until it is written.
+    if ((flags_ & kUserCorked) != 0 || !output_idle()) return enqueue(pieces, count, total, 0);
     if (kCoalesce && total < kCoalesceLimit && loop_->inside()) {
       if ((flags_ & kFlushPending) == 0) {
         if (!loop_->sent_in_step(*this) && !loop_->holds_sends()) {
@@ -926,7 +1005,7 @@ class Connection final : private detail::TimedWatcher {
     // The write timeout counts from here. The real clock outside the loop (before run(), between
     // run_once() calls) where the cached one can be arbitrarily old and the timeout would fire
     // early by that much. Only when output starts queueing, never per message.
-    if (output_.empty()) last_write_ = loop_->activity_now();
+    if (output_idle()) last_write_ = loop_->activity_now();
     for (int i = 0; i < count; ++i) {
       const char* bytes = static_cast<const char*>(pieces[i].iov_base);
       std::size_t size = pieces[i].iov_len;
@@ -952,18 +1031,35 @@ class Connection final : private detail::TimedWatcher {
     if ((flags_ & kUserCorked) == 0) return;
     const bool timed_from_here = (flags_ & kCorkedEmpty) != 0;
     flags_ &= ~(kUserCorked | kCorkedEmpty);
-    if (fd < 0 || output_.empty()) return;
+    if (fd < 0 || output_idle()) return;
     if (timed_from_here) last_write_ = loop_->activity_now();  // held, not refused, until now
     flush();
   }
 
   void flush() noexcept {
     ChunkPool& pool = loop_->chunk_pool();
-    while (!output_.empty()) {
+    while (true) {
+      // A queued file goes out once the output ahead of it has.
+      detail::FileQueue* const files = file_queue();
+      detail::FileSend* file = files != nullptr ? files->front() : nullptr;
+      if (file != nullptr && file->ahead == 0) {
+        const FileProgress progress = write_file(*file);
+        if (progress == FileProgress::kFailed) return;
+        if (progress == FileProgress::kBlocked) break;
+        continue;
+      }
+      if (output_.empty()) break;
       iovec vectors[kMaxIovecs];
-      const int count = output_.gather(vectors, kMaxIovecs);
+      const int gathered = output_.gather(vectors, kMaxIovecs);
+      // Only up to the next file, if one is queued.
+      std::size_t limit = file != nullptr ? file->ahead : std::numeric_limits<std::size_t>::max();
       std::size_t wanted = 0;
-      for (int i = 0; i < count; ++i) wanted += vectors[i].iov_len;
+      int count = 0;
+      for (; count < gathered && limit > 0; ++count) {
+        vectors[count].iov_len = std::min(vectors[count].iov_len, limit);
+        limit -= vectors[count].iov_len;
+        wanted += vectors[count].iov_len;
+      }
       const ssize_t n = transport_.template sendv<Sys>(fd, vectors, count);
       if (n < 0) {
         if (errno == EINTR) continue;
@@ -975,11 +1071,177 @@ class Connection final : private detail::TimedWatcher {
         return;
       }
       output_.consume(pool, static_cast<std::size_t>(n));
+      if (file != nullptr) files->output_written(static_cast<std::size_t>(n));
       // The clock outside the loop: uncork(), close() and shutdown() flush from anywhere.
       last_write_ = loop_->activity_now();
       if (static_cast<std::size_t>(n) < wanted) break;  // socket buffer full
     }
     output_drained();
+  }
+
+  // True when no output is queued: no bytes, no file. (Coalesced bytes are the loop's, see
+  // kFlushPending.)
+  bool output_idle() const noexcept { return output_.empty() && (flags_ & kHasFiles) == 0; }
+
+  // send_file()'s queue, kept by the loop (an 8-byte pointer here would cost every connection, for
+  // the few that send files); nullptr when no file is queued.
+  detail::FileQueue* file_queue() const noexcept {
+    return (flags_ & kHasFiles) != 0 ? loop_->file_queue(this) : nullptr;
+  }
+  // The last file is out or dropped: the queue goes.
+  void release_file_queue(detail::FileQueue& files) noexcept {
+    loop_->detach_file_queue(this);
+    flags_ &= ~kHasFiles;
+    delete &files;
+  }
+
+  enum class FileProgress : std::uint8_t {
+    kWritten,  // some bytes (or a whole file) were written: call again
+    kBlocked,  // the socket is full: EPOLLOUT will tell
+    kFailed,   // the connection closed
+  };
+
+  // The kernel can copy files to this connection's socket.
+  static constexpr bool kKernelSendsFiles =
+      detail::transport_sends_files<Transport>() && detail::has_sendfile<Sys>();
+
+  // send_file() onto idle output: writes what the socket takes of the queued files now.
+  void write_files() noexcept {
+    while (detail::FileQueue* files = file_queue()) {
+      if (write_file(*files->front()) != FileProgress::kWritten) return;
+    }
+  }
+
+  // One write of the first queued file, which has no output ahead of it. A file that is done is
+  // popped (and the queue freed with its last one). Unlike a short write of output_, a short
+  // sendfile may mean the file ended (the next call returns 0) rather than a full socket. Level
+  // mode waits for EPOLLOUT either way (a socket with room reports it at once, and the next call
+  // finds the end); edge mode calls again at once, since a socket with room raises no new edge
+  // (one EAGAIN per full buffer).
+  FileProgress write_file(detail::FileSend& file) noexcept {
+    if constexpr (detail::has_pread<Sys>()) {
+      if constexpr (kKernelSendsFiles) {
+        if (!file.copy) {
+          // sendfile moves at most 0x7ffff000 bytes per call (sendfile(2), NOTES).
+          const std::size_t count =
+              static_cast<std::size_t>(std::min<std::uint64_t>(file.left, 0x7ffff000));
+          ssize_t n = 0;
+          if (!send_file_quietly(file, count, n)) {
+            file.copy = true;  // SIGPIPE could not be blocked: copy, with MSG_NOSIGNAL
+            return FileProgress::kWritten;
+          }
+          if (n > 0) {
+            const FileProgress progress = file_written(static_cast<std::size_t>(n));
+            return !kEdge && static_cast<std::size_t>(n) < count ? FileProgress::kBlocked
+                                                                 : progress;
+          }
+          if (n == 0) {
+            fail(make_error_code(Error::kFileTruncated));
+            return FileProgress::kFailed;
+          }
+          if (errno == EINTR) return FileProgress::kWritten;
+          if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            return rearm_after_full_write() ? FileProgress::kBlocked : FileProgress::kFailed;
+          }
+          // EINVAL: the file cannot be mapped for sendfile (a file system without splice
+          // support, say); ENOSYS: no sendfile at all (a seccomp filter, an emulator). Copying
+          // works for any file pread can read.
+          if (errno != EINVAL && errno != ENOSYS) {
+            fail(detail::last_errno_code());
+            return FileProgress::kFailed;
+          }
+          file.copy = true;
+        }
+      }
+      detail::FileQueue& files = *file_queue();
+      if (files.buffered() == 0) {
+        char* buffer = files.buffer();
+        if (buffer == nullptr) {
+          fail(std::make_error_code(std::errc::not_enough_memory));
+          return FileProgress::kFailed;
+        }
+        const std::size_t wanted = static_cast<std::size_t>(
+            std::min<std::uint64_t>(file.left, detail::FileQueue::kBufferSize));
+        ssize_t n = 0;
+        do {
+          n = Sys::pread(file.fd, buffer, wanted, static_cast<off_t>(file.offset));
+        } while (n < 0 && errno == EINTR);
+        if (n <= 0) {
+          fail(n == 0 ? make_error_code(Error::kFileTruncated) : detail::last_errno_code());
+          return FileProgress::kFailed;
+        }
+        files.filled(static_cast<std::size_t>(n));
+      }
+      const ssize_t n =
+          transport_.template send<Sys>(fd, files.buffered_data(), files.buffered());
+      if (n < 0) {
+        if (errno == EINTR) return FileProgress::kWritten;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+          return rearm_after_full_write() ? FileProgress::kBlocked : FileProgress::kFailed;
+        }
+        fail(transport_.error());
+        return FileProgress::kFailed;
+      }
+      files.drained(static_cast<std::size_t>(n));
+      return file_written(static_cast<std::size_t>(n));
+    } else {
+      return FileProgress::kFailed;  // unreachable: send_file() queues nothing without pread
+    }
+  }
+
+  // One sendfile of `file` into `n` (its result; errno set when -1). sendfile(2) has no
+  // MSG_NOSIGNAL: on a socket whose peer is gone (EPIPE: the peer's RST after its FIN, say) the
+  // kernel raises SIGPIPE, whose default action ends the process, and the library changes no
+  // signal disposition. So SIGPIPE is blocked in this thread for the call, and one it raised is
+  // taken back (sigtimedwait with a zero timeout) before the old mask returns: two
+  // pthread_sigmask calls per sendfile (one per socket buffer's worth), a third after EPIPE.
+  // Where the thread blocks SIGPIPE already, a SIGPIPE pending after the call may be the
+  // caller's, and is left alone. Returns false, with nothing sent, when the mask could not be
+  // changed.
+  bool send_file_quietly(detail::FileSend& file, std::size_t count, ssize_t& n) noexcept {
+    if constexpr (kKernelSendsFiles) {
+      sigset_t pipe;
+      sigemptyset(&pipe);
+      sigaddset(&pipe, SIGPIPE);
+      sigset_t old;
+      if (Sys::sigprocmask(SIG_BLOCK, &pipe, &old) != 0) return false;
+      auto position = static_cast<off_t>(file.offset);
+      n = Sys::sendfile(fd, file.fd, &position, count);
+      const int error = errno;
+      if (n < 0 && error == EPIPE && sigismember(&old, SIGPIPE) == 0) {
+        const timespec zero{};
+        while (Sys::sigtimedwait(&pipe, nullptr, &zero) < 0 && errno == EINTR) {
+        }
+      }
+      Sys::sigprocmask(SIG_SETMASK, &old, nullptr);
+      errno = error;
+      return true;
+    } else {
+      static_cast<void>(file);
+      static_cast<void>(count);
+      n = -1;
+      return false;
+    }
+  }
+
+  // `size` bytes of the first file went out; pops it when it is done.
+  FileProgress file_written(std::size_t size) noexcept {
+    detail::FileQueue& files = *file_queue();
+    files.file_written(size);
+    last_write_ = loop_->activity_now();  // send_file() may run outside the loop
+    if (files.front()->left == 0) {
+      Sys::close(files.pop());
+      if (files.empty()) release_file_queue(files);
+    }
+    return FileProgress::kWritten;
+  }
+
+  // Closing: the queued files are dropped, their fds closed.
+  void drop_files() noexcept {
+    detail::FileQueue* files = file_queue();
+    if (files == nullptr) return;
+    while (!files->empty()) Sys::close(files->pop());
+    release_file_queue(*files);
   }
 
   // After output shrank: lift backpressure, report drain, finish a pending close or shutdown.
@@ -992,7 +1254,7 @@ class Connection final : private detail::TimedWatcher {
       reading_resumed();
       if (fd < 0) return;
     }
-    if (output_.empty()) {
+    if (output_idle()) {
       if (phase_ == Phase::kClosing) {
         finish_close(false);
         return;
@@ -1111,8 +1373,8 @@ class Connection final : private detail::TimedWatcher {
           return;
         }
       }
-      if (!registered) {         // out of the epoll set after EPOLLHUP while paused
-        if (!output_.empty()) {  // something to write after all: back in, for EPOLLOUT
+      if (!registered) {       // out of the epoll set after EPOLLHUP while paused
+        if (!output_idle()) {  // something to write after all: back in, for EPOLLOUT
           if (const std::error_code ec = rejoin(EPOLLOUT)) fail(ec);
           return;
         }
@@ -1122,8 +1384,8 @@ class Connection final : private detail::TimedWatcher {
       }
       const std::uint32_t wanted =
           (reading_enabled() || phase_ == Phase::kLingering ? EPOLLIN | EPOLLRDHUP : 0u) |
-          (output_.empty() || (flags_ & kCorkedEmpty) != 0 ? 0u
-                                                          : static_cast<std::uint32_t>(EPOLLOUT));
+          (output_idle() || (flags_ & kCorkedEmpty) != 0 ? 0u
+                                                         : static_cast<std::uint32_t>(EPOLLOUT));
       if (wanted == interest) return;
       if (const std::error_code ec = loop_->modify(*this, wanted)) fail(ec);
     }
@@ -1210,7 +1472,7 @@ class Connection final : private detail::TimedWatcher {
     const Clock::time_point now = loop_->cached_now();
     const auto timed_out = std::make_error_code(std::errc::timed_out);
     auto next = Clock::time_point::max();
-    if (write_timeout_ms_ != 0 && !output_.empty() && (flags_ & kCorkedEmpty) == 0) {
+    if (write_timeout_ms_ != 0 && !output_idle() && (flags_ & kCorkedEmpty) == 0) {
       const auto due = last_write_ + std::chrono::milliseconds(write_timeout_ms_);
       if (due <= now) return fail(timed_out);
       next = std::min(next, due);
@@ -1237,7 +1499,7 @@ class Connection final : private detail::TimedWatcher {
       if ((flags_ & kDraining) != 0 && phase_ < Phase::kClosing) {
         const auto quiet = loop_->drain_quiet_period();
         const auto due = std::max(last_read_, loop_->drain_started()) + quiet;
-        if (output_.empty() && due <= now) {
+        if (output_idle() && due <= now) {
           close();
           if (phase_ != Phase::kClosing) return;
           next = std::min(next, now + quiet);
@@ -1245,7 +1507,7 @@ class Connection final : private detail::TimedWatcher {
           // Still sending: look again a quiet period later, never sooner than kDrainRecheck (a
           // quiet period of 0 re-armed the timer at `now` on every iteration, spinning until the
           // output drained or the grace ran out: found by sim_fuzzer).
-          next = std::min(next, output_.empty() ? due : now + std::max(quiet, kDrainRecheck));
+          next = std::min(next, output_idle() ? due : now + std::max(quiet, kDrainRecheck));
         }
       }
     }
@@ -1291,6 +1553,7 @@ class Connection final : private detail::TimedWatcher {
     flags_ &= ~(kFlushPending | kUserCorked | kCorkedEmpty);
     loop_->uncork(*this);
     output_.clear(loop_->chunk_pool());
+    drop_files();
     drop_input();
     loop_->disarm_deadline(*this);
     if (handle_index_ != detail::HandleTable::kNone) {

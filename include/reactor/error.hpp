@@ -17,6 +17,7 @@ enum class Error {
   kInputLimit,        // unconsumed input would exceed ConnectionOptions::max_pending_input
   kHandlerException,  // a handler callback threw; the connection was aborted
   kPeerHangup,        // EPOLLHUP with nothing left to read or write
+  kFileTruncated,     // a file given to send_file() ended before the range it was to send
 };
 
 namespace detail {
@@ -34,6 +35,8 @@ class ErrorCategory final : public std::error_category {
         return "a handler callback threw an exception";
       case Error::kPeerHangup:
         return "peer hung up";
+      case Error::kFileTruncated:
+        return "file ended before the range send_file() was to send";
     }
     return "unknown reactor error";
   }

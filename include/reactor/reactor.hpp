@@ -27,11 +27,13 @@
 #include <string_view>
 #include <system_error>
 #include <type_traits>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
 #include "buffer.hpp"
 #include "concepts.hpp"
+#include "detail/file_queue.hpp"
 #include "detail/handle_table.hpp"
 #include "detail/intrusive_list.hpp"
 #include "detail/task.hpp"
@@ -1039,6 +1041,23 @@ class Reactor {
   std::size_t read_buffer_size() const noexcept { return options_.read_buffer_size; }
   int max_reads_per_wakeup() const noexcept { return options_.max_reads_per_wakeup; }
   ChunkPool& chunk_pool() noexcept { return chunk_pool_; }
+
+  // send_file()'s queues, by connection. Kept here rather than as a pointer in each Connection:
+  // 8 bytes that every connection would carry for the few that send files. A lookup costs a hash
+  // of a pointer, next to a sendfile per socket buffer.
+  detail::FileQueue* file_queue(const void* owner) const noexcept {
+    const auto found = file_queues_.find(owner);
+    return found == file_queues_.end() ? nullptr : found->second;
+  }
+  // False when the map could not grow (out of memory): nothing was attached then.
+  bool attach_file_queue(const void* owner, detail::FileQueue* files) noexcept {
+    try {
+      return file_queues_.emplace(owner, files).second;
+    } catch (...) {
+      return false;
+    }
+  }
+  void detach_file_queue(const void* owner) noexcept { file_queues_.erase(owner); }
   detail::HandleTable& handles() noexcept { return handles_; }
 
   static void ignore_event(detail::Watcher&, detail::WatcherOp, std::uint32_t, void*) noexcept {}
@@ -1071,6 +1090,7 @@ class Reactor {
   std::atomic<bool> in_use_{false};      // some thread is inside run(), run_once() or shutdown()
   std::unique_ptr<char[]> read_buffer_;
   ChunkPool chunk_pool_;
+  std::unordered_map<const void*, detail::FileQueue*> file_queues_;  // see file_queue()
   ConnectionList connections_;
   std::atomic<std::size_t> connection_count_{0};  // written here only; read from any thread
   ReadyList ready_;

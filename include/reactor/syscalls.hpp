@@ -24,6 +24,7 @@
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
+#include <sys/sendfile.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/timerfd.h>
@@ -77,6 +78,19 @@ struct LinuxSyscalls {
   }
   static ssize_t sendmsg(int fd, const msghdr* message, int flags) noexcept {
     return ::sendmsg(fd, message, flags);
+  }
+  // send_file(): the kernel copies file bytes to the socket (sendfile(2)), or, where it cannot,
+  // pread(2) reads them for an ordinary write. Optional in a policy: without sendfile (and
+  // sigtimedwait, which takes back the SIGPIPE sendfile can raise), files are copied through
+  // pread; without pread too, Connection::send_file() is not supported.
+  static ssize_t sendfile(int out_fd, int in_fd, off_t* offset, std::size_t count) noexcept {
+    return ::sendfile(out_fd, in_fd, offset, count);
+  }
+  static int sigtimedwait(const sigset_t* set, siginfo_t* info, const timespec* timeout) noexcept {
+    return ::sigtimedwait(set, info, timeout);
+  }
+  static ssize_t pread(int fd, void* buffer, std::size_t size, off_t offset) noexcept {
+    return ::pread(fd, buffer, size, offset);
   }
   static int socket(int domain, int type, int protocol) noexcept {
     return ::socket(domain, type, protocol);
@@ -165,6 +179,22 @@ int unsent_bytes(int fd) noexcept {
   } else {
     return 0;
   }
+}
+
+// Whether policy Sys can read files (pread) and have the kernel send them (sendfile).
+template <class Sys>
+constexpr bool has_pread() noexcept {
+  return requires(int fd, char* buffer, std::size_t size, off_t offset) {
+    { Sys::pread(fd, buffer, size, offset) } -> std::same_as<ssize_t>;
+  };
+}
+template <class Sys>
+constexpr bool has_sendfile() noexcept {
+  return requires(int fd, off_t* offset, std::size_t size, const sigset_t* set, siginfo_t* info,
+                  const timespec* timeout) {
+    { Sys::sendfile(fd, fd, offset, size) } -> std::same_as<ssize_t>;
+    { Sys::sigtimedwait(set, info, timeout) } -> std::same_as<int>;
+  };
 }
 
 }  // namespace detail

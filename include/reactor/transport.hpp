@@ -25,6 +25,9 @@
 //   whether, on TCP, a read shorter than asked means the socket is empty (edge mode stops there);
 //   kEagainIsFinal: whether a read's EAGAIN can be taken as the kernel's last word after a wakeup
 //   (false when the transport may have consumed bytes first, a partial TLS record).
+// - kSendFile (optional, false when absent): the transport writes bytes to the socket as they
+//   are, so Connection::send_file() may hand file ranges to the kernel with sendfile(2). Without
+//   it (TLS encrypts in user space), file bytes are read with pread and go through send().
 #pragma once
 
 #include <sys/socket.h>
@@ -53,6 +56,7 @@ struct PlainTransport {
   static constexpr bool kHandshake = false;
   static constexpr bool kShortReadDrains = true;
   static constexpr bool kEagainIsFinal = true;
+  static constexpr bool kSendFile = true;
 
   template <class Sys>
   ssize_t read(int fd, char* buffer, std::size_t size) noexcept {
@@ -99,6 +103,20 @@ concept Transport = std::move_constructible<T> &&
   { t.error() } -> std::same_as<std::error_code>;
   { t.has_buffered_input() } -> std::same_as<bool>;
 };
+
+namespace detail {
+
+// Transport T's kSendFile, false when it does not say.
+template <class T>
+constexpr bool transport_sends_files() noexcept {
+  if constexpr (requires { T::kSendFile; }) {
+    return T::kSendFile;
+  } else {
+    return false;
+  }
+}
+
+}  // namespace detail
 
 // A transport with a handshake also has these (TlsTransport).
 template <class T, class Sys>

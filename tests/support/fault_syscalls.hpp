@@ -48,6 +48,8 @@ enum class Call : std::size_t {
   kAccept4,
   kShutdown,
   kClose,
+  kSendfile,  // matched by the socket (out_fd); kCap cuts the count
+  kPread,     // matched by the file's fd; kCap cuts the size
   // Setup and helper calls: matched by their fd argument where they have one, else any fd (-1).
   kEpollCreate1,
   kEventfd,
@@ -430,6 +432,16 @@ struct FaultSyscalls : reactor::LinuxSyscalls {
   static int shutdown(int fd, int how) noexcept {
     const Outcome o = FaultScript::take(Call::kShutdown, fd);
     return o.kind == Outcome::Kind::kFail ? failed(o) : Base::shutdown(fd, how);
+  }
+  static ssize_t sendfile(int out_fd, int in_fd, off_t* offset, std::size_t count) noexcept {
+    const Outcome o = FaultScript::take(Call::kSendfile, out_fd);
+    return o.kind == Outcome::Kind::kFail ? failed(o)
+                                          : Base::sendfile(out_fd, in_fd, offset, capped(count, o));
+  }
+  static ssize_t pread(int fd, void* buffer, std::size_t size, off_t offset) noexcept {
+    const Outcome o = FaultScript::take(Call::kPread, fd);
+    return o.kind == Outcome::Kind::kFail ? failed(o)
+                                          : Base::pread(fd, buffer, capped(size, o), offset);
   }
   // A scripted close failure still closes the fd, as Linux does (close(2): the fd is released
   // before the error is reported), so a retrying caller would close the wrong fd.
