@@ -1172,8 +1172,7 @@ class Connection final : private detail::TimedWatcher {
         }
         files.filled(static_cast<std::size_t>(n));
       }
-      const ssize_t n =
-          transport_.template send<Sys>(fd, files.buffered_data(), files.buffered());
+      const ssize_t n = transport_.template send<Sys>(fd, files.buffered_data(), files.buffered());
       if (n < 0) {
         if (errno == EINTR) return FileProgress::kWritten;
         if (errno == EAGAIN || errno == EWOULDBLOCK) {

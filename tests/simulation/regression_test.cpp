@@ -975,3 +975,23 @@ TEMPLATE_TEST_CASE("cork keeps writing output queued before it",
   kernel.peer_recv(peer, received);
   CHECK(received == letters(10000) + "held");
 }
+
+// Guards: a gather send of no buffers on a closing connection returns false, as every other send
+// there does (it returned true: the empty span was taken as sent).
+TEST_CASE("an empty gather send on a closing connection returns false",
+          "[regression][simulation][gather]") {
+  using Loop = SimLoop<reactor::LevelTriggered>;
+  sim::Kernel kernel(4096);
+  ProbeLog<Loop> log;
+  Loop loop;
+  auto [fd, peer] = kernel.open_connected();
+  auto& c = reactor::adopt(loop, SimFd(fd), Probe<Loop>{&log});
+  CHECK(c.send(std::span<const std::string_view>()));  // open: nothing to send is sent
+  CHECK(c.send(letters(10000)));                       // the rest waits for the socket
+  c.close();                                           // closing: flushing first
+  REQUIRE(log.closes == 0);
+  CHECK_FALSE(c.send(std::span<const std::string_view>()));  // was true
+  CHECK_FALSE(c.send(""));
+  CHECK_FALSE(c.send({std::string_view("a")}));
+  static_cast<void>(peer);
+}
