@@ -287,7 +287,11 @@ TEMPLATE_TEST_CASE("a file shorter than its range closes the connection with kFi
   auto& connection = open_connection(loop, std::move(mine), responder(record, kIgnore));
   if (copying) script.always(Call::kSendfile, test::fail(EINVAL));
   REQUIRE(connection.send("before"));
-  REQUIRE(!connection.send_file(file.fd(), 200, 5000));
+  // Nothing was queued ahead: the range is written at once. Where that reaches the file's end
+  // in the call (edge mode, the pread path) the call reports what closed the connection; level
+  // mode waits for EPOLLOUT after a short sendfile and finds the end there.
+  const std::error_code queued = connection.send_file(file.fd(), 200, 5000);
+  CHECK((!queued || queued == reactor::Error::kFileTruncated));
   REQUIRE(test::run_until(loop, [&] { return record.closes == 1; }));
   CHECK(record.reason == reactor::Error::kFileTruncated);
   REQUIRE(receive_to_eof(loop, peer));
@@ -387,7 +391,7 @@ TEMPLATE_TEST_CASE("a sendfile error other than EINVAL closes the connection wit
   test::Peer peer(std::move(theirs));
   auto& connection = open_connection(loop, std::move(mine), responder(record, kIgnore));
   script.next(Call::kSendfile, test::fail(EIO));
-  REQUIRE(!connection.send_file(file.fd(), 0, 1000));
+  CHECK(connection.send_file(file.fd(), 0, 1000) == std::errc::io_error);  // written at once
   REQUIRE(test::run_until(loop, [&] { return record.closes == 1; }));
   CHECK(record.reason == std::errc::io_error);
   CHECK(script.calls(Call::kPread) == 0);
@@ -472,11 +476,34 @@ TEMPLATE_TEST_CASE("a peer gone before the file closes the connection with EPIPE
   auto [mine, theirs] = test::socket_pair();
   auto& connection = open_connection(loop, std::move(mine), responder(record, kIgnore));
   theirs.reset();  // the peer is gone: writing raises EPIPE (and, unasked, SIGPIPE)
-  CHECK(!connection.send_file(file.fd(), 0, 100000));
+  CHECK(connection.send_file(file.fd(), 0, 100000) == std::errc::broken_pipe);  // written at once
   REQUIRE(test::run_until(loop, [&] { return record.closes == 1; }));
   CHECK(record.reason == std::errc::broken_pipe);
   sigset_t pending;
   REQUIRE(::sigpending(&pending) == 0);
   CHECK(::sigismember(&pending, SIGPIPE) == 0);
   ::sigaction(SIGPIPE, &saved, nullptr);
+}
+
+// Guards (second break-it pass): send_file() onto idle output writes at once, and when that write
+// fails and closes the connection it says so, as send() returns false. It returned success for a
+// pipe (ESPIPE), a directory (EISDIR) or a range past the file's end, with the connection already
+// closed.
+TEMPLATE_TEST_CASE("send_file reports the error of its first write when that closed the connection",
+                   "[connection][file][error]", reactor::LevelTriggered, reactor::EdgeTriggered) {
+  int pipe_fds[2];
+  REQUIRE(::pipe2(pipe_fds, O_CLOEXEC) == 0);
+  REQUIRE(::write(pipe_fds[1], "abc", 3) == 3);
+  Record record;  // before the loop: its destructor runs on_close
+  Loop<TestType> loop;
+  auto [mine, theirs] = test::socket_pair();
+  test::Peer peer(std::move(theirs));
+  auto& connection = open_connection(loop, std::move(mine), responder(record, kIgnore));
+  const std::error_code ec = connection.send_file(pipe_fds[0], 0, 3);
+  CHECK(ec == std::errc::invalid_seek);  // was success
+  CHECK_FALSE(connection.is_open());
+  REQUIRE(test::run_until(loop, [&] { return record.closes == 1; }));
+  CHECK(record.reason == ec);
+  ::close(pipe_fds[0]);
+  ::close(pipe_fds[1]);
 }

@@ -257,14 +257,19 @@ class Connection final : private detail::TimedWatcher {
   // they are read with pread into a 64 KiB buffer and written as send() writes. File bytes count
   // in pending_output_bytes() and for the write timeout, and close() and shutdown() wait for them,
   // but they hold no memory, so they count neither towards high_water nor max_pending_output.
-  // Returns an empty error_code when the range was queued (length 0 queues nothing); otherwise
-  // nothing was queued and the error says why: not_connected (sending has ended: shutdown(),
-  // close(), or a failed write of bytes held from this step, which on_close reports; send() then
-  // returns false), invalid_argument (offset + length past the largest file offset),
+  // Returns an empty error_code when the range was queued (length 0 queues nothing and looks at
+  // nothing, `file` included); otherwise nothing was queued, or (with no output ahead of it) the
+  // range was written at once and that failed and closed the connection, and the error says why:
+  // that write's error (ESPIPE for a pipe, EISDIR for a directory, Error::kFileTruncated past the
+  // file's end, a peer's reset; on_close reports it too), not_connected (sending has ended:
+  // shutdown(), close(), or a failed write of bytes held from this step, which on_close reports;
+  // send() then returns false), invalid_argument (offset + length past the largest file offset),
   // operation_not_supported (the syscall policy has no pread, as the simulated kernel's), or
   // dup's error (EMFILE, say), which leaves the connection as it was. Should the file turn out
   // shorter than offset + length, or a read of it fail, the connection closes: on_close gets
-  // Error::kFileTruncated, or the read's error. Reactor thread only; no ConnectionHandle form.
+  // Error::kFileTruncated, or the read's error (EOVERFLOW for offsets the file system cannot
+  // reach, say), after the bytes the file had when they were read (a file truncated while queued
+  // may still send what was read before the cut). Reactor thread only; no ConnectionHandle form.
   std::error_code send_file(int file, std::uint64_t offset, std::uint64_t length) noexcept {
     if (phase_ != Phase::kOpen && !handshaking()) {
       return std::make_error_code(std::errc::not_connected);
@@ -313,7 +318,10 @@ class Connection final : private detail::TimedWatcher {
       // Nothing ahead of it: start now, unless cork() holds output or a handshake runs.
       if (was_idle && phase_ == Phase::kOpen && (flags_ & kUserCorked) == 0) {
         write_files();
-        if (fd >= 0) update_interest();
+        // Its first write failed (not a readable file, a reset peer...): closed, as a send()
+        // whose write fails returns false.
+        if (fd < 0) return reason_ ? reason_ : std::make_error_code(std::errc::not_connected);
+        update_interest();
       } else {
         update_interest();
       }
