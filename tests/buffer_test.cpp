@@ -39,6 +39,15 @@ namespace {
 
 using reactor::ChunkPool;
 
+// False where the replacement above is not the one in use: valgrind's memcheck puts its own
+// operator new in place of every replacement, so the tests that count or fail nothrow
+// allocations have nothing to observe there (they say so and stop).
+bool nothrow_hook_active() {
+  const int before = nothrow_allocations;
+  ::operator delete(::operator new(1, std::nothrow));
+  return nothrow_allocations == before + 1;
+}
+
 // The length of each iovec gather() reports.
 std::vector<std::size_t> vector_lengths(const reactor::OutputQueue& queue) {
   iovec vectors[1024];
@@ -191,6 +200,11 @@ TEST_CASE("a queue started with more than a small chunk holds begins with a big 
 }
 
 TEST_CASE("an append that cannot allocate changes nothing", "[buffer][allocation]") {
+  if (!nothrow_hook_active()) {
+    WARN("nothrow operator new is not this test's (valgrind?): nothing to count");
+    SUCCEED();  // skipped, not failed
+    return;
+  }
   ChunkPool pool(8, 8);
   reactor::OutputQueue queue;
   const std::string bytes = test::pattern(4 * ChunkPool::kChunkCapacity, 3);
@@ -233,6 +247,11 @@ TEST_CASE("an append that cannot allocate changes nothing", "[buffer][allocation
 }
 
 TEST_CASE("the small chunk cache is bounded and reused", "[buffer]") {
+  if (!nothrow_hook_active()) {
+    WARN("nothrow operator new is not this test's (valgrind?): nothing to count");
+    SUCCEED();  // skipped, not failed
+    return;
+  }
   ChunkPool pool(4, 2);
   reactor::OutputQueue queues[3];
   const std::string bytes = test::pattern(300, 4);
